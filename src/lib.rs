@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod paths;
 pub mod quant;
 pub mod serve;
 
