@@ -1,7 +1,67 @@
-//! The `lbw` command line.
+//! The `lbw` command line: flag parsing and output formatting. Each command calls library code
+//! that returns errors; only [`main`] turns an error into a message and an exit code.
+
+mod detect;
+mod models;
 
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lbw",
+    version,
+    about = "Low bit-width (power-of-two) object detectors: import, quantize, evaluate, serve"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Detect objects in images and print them (a table, or JSON lines with --json).
+    Detect(detect::DetectArgs),
+    /// List the built-in models and whether their files are present and verified.
+    Models(models::ModelsArgs),
+    /// Import a model and write its internal graph as an ONNX file.
+    ExportOnnx(models::ExportArgs),
+}
+
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // clap prints help/version to stdout with exit 0, and usage errors with exit 2.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_tracing();
+    let result = match cli.command {
+        Command::Detect(a) => detect::run(a),
+        Command::Models(a) => models::run_list(a),
+        Command::ExportOnnx(a) => models::run_export(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("LBW_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }

@@ -239,7 +239,7 @@ impl Graph {
         Ok(shapes)
     }
 
-    fn node_output_shape(
+    pub(crate) fn node_output_shape(
         &self,
         node: &Node,
         ins: &[&Vec<usize>],

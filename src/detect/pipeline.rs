@@ -1,0 +1,164 @@
+//! The detector: pre-processing, a backend, decoding and NMS, with per-stage timings.
+
+use std::time::Instant;
+
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::detect::decode::decode;
+use crate::detect::nms::nms_per_class;
+use crate::detect::preprocess::preprocess;
+use crate::detect::types::{Detection, ImageDetections};
+use crate::engine::Backend;
+use crate::error::{Error, Result};
+use crate::model::Manifest;
+
+/// Thresholds a caller can choose per request.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DetectOptions {
+    pub score_threshold: f32,
+    pub iou_threshold: f32,
+    pub max_detections: usize,
+}
+
+impl Default for DetectOptions {
+    fn default() -> Self {
+        // 0.25 suits display; mAP runs pass 0.005. 0.45 is darknet's NMS default.
+        DetectOptions {
+            score_threshold: 0.25,
+            iou_threshold: 0.45,
+            max_detections: 100,
+        }
+    }
+}
+
+impl DetectOptions {
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.score_threshold) {
+            return Err(Error::Input(format!(
+                "score threshold {} is not in [0, 1]",
+                self.score_threshold
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.iou_threshold) {
+            return Err(Error::Input(format!(
+                "IoU threshold {} is not in [0, 1]",
+                self.iou_threshold
+            )));
+        }
+        if self.max_detections == 0 || self.max_detections > 10_000 {
+            return Err(Error::Input(format!(
+                "max detections {} is not in 1..=10000",
+                self.max_detections
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds spent in each stage of one detection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageTimings {
+    pub decode: f64,
+    pub preprocess: f64,
+    pub inference: f64,
+    pub postprocess: f64,
+    pub total: f64,
+}
+
+pub struct Detector {
+    pub manifest: Manifest,
+    /// `fp32`, `lbw6`, ...
+    pub variant: String,
+    backend: Box<dyn Backend>,
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+impl Detector {
+    pub fn new(manifest: Manifest, variant: impl Into<String>, backend: Box<dyn Backend>) -> Self {
+        Detector {
+            manifest,
+            variant: variant.into(),
+            backend,
+        }
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    /// Detects objects in a decoded image; `timings.decode` is left for the caller to fill in.
+    pub fn detect(
+        &self,
+        img: &RgbImage,
+        opts: &DetectOptions,
+    ) -> Result<(Vec<Detection>, StageTimings)> {
+        opts.validate()?;
+        let t0 = Instant::now();
+        let (input, transform) = preprocess(img, &self.manifest.input);
+        let preprocess_ms = ms_since(t0);
+        let t1 = Instant::now();
+        let outputs = self.backend.run(input)?;
+        let inference_ms = ms_since(t1);
+        let t2 = Instant::now();
+        let labels = &self.manifest.labels;
+        let size = (self.manifest.input.width, self.manifest.input.height);
+        let cands = decode(
+            &self.manifest.decoder,
+            &outputs,
+            size,
+            labels.len(),
+            opts.score_threshold,
+        )?;
+        let kept = nms_per_class(cands, opts.iou_threshold, opts.max_detections);
+        let detections = kept
+            .into_iter()
+            .map(|c| Detection {
+                class_id: c.class_id,
+                label: labels[c.class_id].clone(),
+                score: c.score,
+                bbox: transform.to_image(c.bbox),
+            })
+            .filter(|d| d.bbox[2] > d.bbox[0] && d.bbox[3] > d.bbox[1])
+            .collect();
+        let postprocess_ms = ms_since(t2);
+        let timings = StageTimings {
+            decode: 0.0,
+            preprocess: preprocess_ms,
+            inference: inference_ms,
+            postprocess: postprocess_ms,
+            total: ms_since(t0),
+        };
+        Ok((detections, timings))
+    }
+
+    /// Loads, decodes and detects one image file.
+    pub fn detect_file(
+        &self,
+        path: &std::path::Path,
+        opts: &DetectOptions,
+    ) -> Result<ImageDetections> {
+        let img = crate::detect::image_io::load_rgb(path)?;
+        let (detections, _) = self.detect(&img, opts)?;
+        Ok(ImageDetections {
+            image: path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string(),
+            width: img.width(),
+            height: img.height(),
+            detections,
+        })
+    }
+}
+
+/// Builds a detector from a model reference: a built-in model id (FP32 through tract).
+pub fn load_detector(model_ref: &str) -> Result<Detector> {
+    let model = crate::model::load_builtin(model_ref)?;
+    let backend = crate::engine::tract_fp32::TractFp32::new(&model.graph)?;
+    Ok(Detector::new(model.manifest, "fp32", Box::new(backend)))
+}
