@@ -170,10 +170,15 @@ impl Manifest {
         crate::paths::model_dir().join(&self.id)
     }
 
-    /// Path of a file of the model, verified against the manifest's sha256.
+    /// Path of a file of the model under [`crate::paths::model_dir`], verified by sha256.
     pub fn verified_path(&self, role: &str) -> Result<PathBuf> {
+        self.verified_path_in(&crate::paths::model_dir(), role)
+    }
+
+    /// Path of a file of the model under `models_root/<id>/`, verified against the manifest's sha256.
+    pub fn verified_path_in(&self, models_root: &Path, role: &str) -> Result<PathBuf> {
         let f = self.file(role)?;
-        let path = self.dir().join(&f.name);
+        let path = models_root.join(&self.id).join(&f.name);
         let bytes = std::fs::read(&path).map_err(|e| {
             Error::Model(format!(
                 "model {}: cannot read {} ({e}). Put the file there, or set {} to the folder that holds \

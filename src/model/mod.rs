@@ -17,18 +17,18 @@ pub struct LoadedModel {
     pub graph: Graph,
 }
 
-/// Imports a built-in model by id: files located through the manifest and verified by sha256.
+/// Imports a built-in model by id from [`crate::paths::model_dir`], files verified by sha256.
 pub fn load_builtin(id: &str) -> Result<LoadedModel> {
+    load_builtin_from(id, &crate::paths::model_dir())
+}
+
+/// Imports a built-in model by id from `models_root/<id>/`, files verified by sha256.
+pub fn load_builtin_from(id: &str, models_root: &std::path::Path) -> Result<LoadedModel> {
     let manifest = manifest::find(id)?;
+    let path = |role| manifest.verified_path_in(models_root, role);
     let graph = match manifest.format {
-        manifest::Format::Darknet => {
-            darknet::load(
-                &manifest.verified_path("cfg")?,
-                &manifest.verified_path("weights")?,
-            )?
-            .graph
-        }
-        manifest::Format::Onnx => onnx::load(&manifest.verified_path("onnx")?)?,
+        manifest::Format::Darknet => darknet::load(&path("cfg")?, &path("weights")?)?.graph,
+        manifest::Format::Onnx => onnx::load(&path("onnx")?)?,
     };
     Ok(LoadedModel { manifest, graph })
 }
