@@ -2,6 +2,7 @@
 
 pub mod darknet;
 pub mod graph;
+pub mod lbw_file;
 pub mod manifest;
 pub mod onnx;
 
