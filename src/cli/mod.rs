@@ -2,6 +2,7 @@
 //! that returns errors; only [`main`] turns an error into a message and an exit code.
 
 mod detect;
+mod eval;
 mod models;
 
 use std::process::ExitCode;
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Detect objects in images and print them (a table, or JSON lines with --json).
     Detect(detect::DetectArgs),
+    /// Score detections (a model run or a saved file) on a VOC or COCO dataset: VOC AP and COCO AP.
+    Eval(eval::EvalArgs),
     /// List the built-in models and whether their files are present and verified.
     Models(models::ModelsArgs),
     /// Import a model and write its internal graph as an ONNX file.
@@ -45,6 +48,7 @@ pub fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Detect(a) => detect::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Models(a) => models::run_list(a),
         Command::ExportOnnx(a) => models::run_export(a),
     };
