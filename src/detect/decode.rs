@@ -156,7 +156,8 @@ fn fastestdet(
             .map(|k| (k, at(5 + k, cell)))
             .fold((0, f32::MIN), |best, x| if x.1 > best.1 { x } else { best });
         let score = at(0, cell).max(0.0).powf(obj_power) * cls.max(0.0).powf(cls_power);
-        if !(score >= threshold) {
+        // NaN fails every comparison, so a NaN score is skipped here too.
+        if score.is_nan() || score < threshold {
             continue;
         }
         let cx = (col as f32 + at(1, cell).tanh()) / gw as f32 * in_w as f32;
@@ -209,7 +210,7 @@ fn yolox(
                 let v = &t.data[i * c..(i + 1) * c];
                 i += 1;
                 let obj = v[4];
-                if !(obj >= threshold) {
+                if obj.is_nan() || obj < threshold {
                     continue;
                 }
                 let cx = (v[0] + col as f32) * s;

@@ -451,7 +451,7 @@ pub fn from_bytes(name: &str, cfg: &str, weights: &[u8]) -> Result<DarknetModel>
             "dropout" => prev.clone(),
             "yolo" => {
                 let anchors: Vec<f32> = s.list("anchors")?;
-                if anchors.len() % 2 != 0 {
+                if !anchors.len().is_multiple_of(2) {
                     return Err(s.err("anchors must come in (w, h) pairs".into()));
                 }
                 let anchors: Vec<(f32, f32)> = anchors.chunks(2).map(|p| (p[0], p[1])).collect();

@@ -264,7 +264,7 @@ impl Graph {
                 let x = ins[0];
                 rank4(x)?;
                 let w = &self.weight(&c.weight).map_err(|e| e.to_string())?.shape;
-                if w.len() != 4 || c.groups == 0 || x[1] % c.groups != 0 || w[0] % c.groups != 0 {
+                if w.len() != 4 || c.groups == 0 || !x[1].is_multiple_of(c.groups) || !w[0].is_multiple_of(c.groups) {
                     return Err(format!(
                         "weight {w:?} and groups {} do not fit input {x:?}",
                         c.groups
@@ -499,7 +499,7 @@ pub fn reshape_target(input: &[usize], target: &[i64]) -> std::result::Result<Ve
     }
     let known: usize = out.iter().product();
     if let Some(i) = infer {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(format!("cannot reshape {input:?} to {target:?}"));
         }
         out[i] = total / known;

@@ -553,10 +553,8 @@ fn fold_batchnorm(
     }
     let per = w.len() / c;
     let scale: Vec<f32> = (0..c).map(|o| gamma[o] / (var[o] + eps).sqrt()).collect();
-    for o in 0..c {
-        w.data[o * per..(o + 1) * per]
-            .iter_mut()
-            .for_each(|v| *v *= scale[o]);
+    for (row, s) in w.data.chunks_mut(per).zip(&scale) {
+        row.iter_mut().for_each(|v| *v *= s);
     }
     let old_bias = match &conv.bias {
         Some(b) => graph.weight(b)?.data.clone(),
