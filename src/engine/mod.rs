@@ -1,8 +1,18 @@
 //! Executors of the internal graph.
 //!
 //! Every executor implements [`Backend`]: one NCHW float image in, the graph's raw outputs out.
-//! [`tract_fp32::TractFp32`] runs the FP32 baseline through tract-onnx (the graph exported to ONNX).
+//! * [`tract_fp32::TractFp32`] runs the FP32 baseline through tract-onnx (the graph exported to ONNX).
+//! * [`reference::ReferenceInterpreter`] is the plain f32 interpreter every other engine is checked
+//!   against; with fake quantization it is the FP32 simulation of the integer engine.
+//! * [`shift_add::ShiftAddEngine`] runs power-of-two weights on 8-bit activations with
+//!   multiplication-free conv kernels ([`kernels`]); [`quant_params`] holds its activation grids
+//!   and their calibration. Design and numbers: docs/ENGINE.md.
 
+pub mod kernels;
+pub mod ptq;
+pub mod quant_params;
+pub mod reference;
+pub mod shift_add;
 pub mod tract_fp32;
 
 use crate::error::Result;

@@ -1,0 +1,456 @@
+//! Shift-add convolution kernels and the per-layer program they execute.
+//!
+//! # What a kernel computes
+//!
+//! A conv is lowered at load into a [`ConvProgram`]: for every group, the source offset of each of
+//! its `K = cin/groups * kh * kw` taps, and for every output channel a branch-free schedule of its
+//! non-zero power-of-two weights. At run time, for a tile of [`LANES`] consecutive output positions:
+//!
+//! 1. [`ShiftAddKernel::build_tile`] widens the tile's `u8` activations of every tap to `i16`
+//!    (`tile[k][lane]`), once per group and tile, shared by all the group's output channels;
+//! 2. [`ShiftAddKernel::run_channels`] runs each output channel's schedule over the tile using only
+//!    16-bit adds, subtracts and left shifts, widens each segment once to 32 bits with one shift,
+//!    then requantizes (the one multiply per output value) into `u8` or `f32`.
+//!
+//! # The schedule and its overflow bound
+//!
+//! An output channel's weights are `alpha * s * 2^-e` (`s = ±1`). Terms are grouped by exponent
+//! and the groups taken in increasing `e` (decreasing magnitude). A *segment* accumulates groups in
+//! 16-bit lanes by Horner's rule: `acc = (acc << (e_next - e)) + (sum of + terms) - (sum of - terms)`,
+//! so at its end `acc = sum_i s_i q_i 2^(e_last - e_i)`. With `u8` activations `|acc| <= 255 *
+//! sum_i 2^(e_last - e_i)`, and a segment grows only while that bound stays `<= 32767` (so one
+//! exponent group holds at most 128 terms per segment). The segment is then sign-extended to 32
+//! bits and shifted by `E - e_last` into the channel accumulator, whose unit is `2^-E`. `E` is the
+//! largest exponent in the channel unless `255 * sum_i 2^(E - e_i)` would pass `i32`, in which case
+//! `E` is lowered until it fits and the segments below it are shifted right (arithmetic, flooring):
+//! those terms are below `2^-E` of the largest weight, and this is the only inexact step.
+//!
+//! The requantization is `t = acc * mult + add` in f32 (two roundings, no FMA, so every kernel
+//! rounds identically), then the activation (`max(t, 0)` or `max(t, alpha t)`), then for `u8`
+//! outputs `clamp(round_half_even(clamp(t, -1024, 1024)) + zp, 0, 255)`.
+//!
+//! # Kernel families
+//!
+//! [`scalar::ScalarKernel`] is the portable specification; the x86_64 kernels must agree with it
+//! bit for bit (tests/engine_kernels.rs). A kernel value can only be constructed where its
+//! instructions exist (`new() -> Option<Self>`), so calling it after construction is safe.
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::quant::Code;
+
+/// Output positions per tile: 64 `i16` lanes are two AVX-512 or four AVX2 registers.
+pub const LANES: usize = 64;
+
+/// Largest segment bound `sum_i 2^(e_last - e_i)` with `u8` activations: `255 * 128 <= 32767`.
+const SEGMENT_BOUND: u64 = 32767 / 255;
+
+/// The fused activation of a conv.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Linear,
+    Relu,
+    /// `max(t, alpha t)`, valid for `0 <= alpha <= 1`.
+    Leaky(f32),
+}
+
+/// What the epilogue writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// `u8` codes with this zero point (the scale is folded into `mult` and `add`).
+    U8 { zero_point: u8 },
+    /// Real values (graph outputs).
+    F32,
+}
+
+/// One 16-bit Horner step: shift the segment accumulator left, then add and subtract terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub shl16: u16,
+    pub n_pos: u16,
+    pub n_neg: u16,
+}
+
+/// A run of steps accumulated in 16 bits, then widened and shifted by `shift32` (right if negative)
+/// into the 32-bit channel accumulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub first_step: u32,
+    pub n_steps: u32,
+    pub first_term: u32,
+    pub shift32: i32,
+}
+
+/// A conv lowered for the shift-add kernels. Built only by [`ConvProgram::build`], which checks the
+/// invariants the kernels' unchecked loads rely on (every term indexes a tap of its group, every
+/// count fits its arrays).
+#[derive(Clone, PartialEq)]
+pub struct ConvProgram {
+    pub(in crate::engine) groups: usize,
+    pub(in crate::engine) cout_g: usize,
+    /// Taps per group.
+    pub(in crate::engine) k: usize,
+    /// `[groups][k]` source offsets of each tap.
+    pub(in crate::engine) taps: Vec<u32>,
+    /// `[cout + 1]` prefix offsets into `segs`.
+    pub(in crate::engine) oc_segs: Vec<u32>,
+    pub(in crate::engine) segs: Vec<Segment>,
+    pub(in crate::engine) steps: Vec<Step>,
+    /// Tap index (within the group) of each term, in schedule order.
+    pub(in crate::engine) terms: Vec<u16>,
+    pub(in crate::engine) mult: Vec<f32>,
+    pub(in crate::engine) add: Vec<f32>,
+    pub(in crate::engine) act: Activation,
+    pub(in crate::engine) out: OutputKind,
+    /// Largest tap offset, for the bounds check of [`ShiftAddKernel::build_tile`].
+    pub(in crate::engine) max_tap: usize,
+}
+
+impl fmt::Debug for ConvProgram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConvProgram")
+            .field("groups", &self.groups)
+            .field("cout_g", &self.cout_g)
+            .field("k", &self.k)
+            .field("terms", &self.terms.len())
+            .field("segments", &self.segs.len())
+            .field("act", &self.act)
+            .field("out", &self.out)
+            .finish()
+    }
+}
+
+/// Inputs of [`ConvProgram::build`].
+#[derive(Debug, Clone)]
+pub struct ConvSpec<'a> {
+    pub groups: usize,
+    /// `[cout][k]` codes, `k` in tap order (`(icg * kh + ky) * kw + kx`).
+    pub codes: &'a [Code],
+    /// One alpha, or one per output channel.
+    pub alphas: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    /// `[groups][k]` source offsets.
+    pub taps: Vec<u32>,
+    pub input_scale: f32,
+    pub input_zero_point: u8,
+    pub act: Activation,
+    /// `Some` for `u8` outputs, `None` for f32 outputs.
+    pub output: Option<(f32, u8)>,
+}
+
+impl ConvProgram {
+    pub fn build(spec: &ConvSpec<'_>) -> Result<ConvProgram> {
+        let groups = spec.groups;
+        if groups == 0 || !spec.taps.len().is_multiple_of(groups) {
+            return Err(Error::Model(
+                "conv program: taps do not split into groups".into(),
+            ));
+        }
+        let k = spec.taps.len() / groups;
+        if k == 0 || k > usize::from(u16::MAX) || !spec.codes.len().is_multiple_of(k) {
+            return Err(Error::Model(format!(
+                "conv program: {} codes do not fit {k} taps per output channel",
+                spec.codes.len()
+            )));
+        }
+        let cout = spec.codes.len() / k;
+        if !cout.is_multiple_of(groups) || !(spec.alphas.len() == 1 || spec.alphas.len() == cout) {
+            return Err(Error::Model(format!(
+                "conv program: {cout} output channels, {groups} groups, {} alphas",
+                spec.alphas.len()
+            )));
+        }
+        if spec.bias.is_some_and(|b| b.len() != cout) {
+            return Err(Error::Model("conv program: bias length".into()));
+        }
+        if let Activation::Leaky(a) = spec.act
+            && !(0.0..=1.0).contains(&a)
+        {
+            return Err(Error::Model(format!(
+                "fused LeakyReLU slope {a} outside [0, 1]"
+            )));
+        }
+        let mut prog = ConvProgram {
+            groups,
+            cout_g: cout / groups,
+            k,
+            max_tap: spec.taps.iter().copied().max().unwrap_or(0) as usize,
+            taps: spec.taps.clone(),
+            oc_segs: vec![0],
+            segs: vec![],
+            steps: vec![],
+            terms: vec![],
+            mult: vec![],
+            add: vec![],
+            act: spec.act,
+            out: match spec.output {
+                Some((_, zp)) => OutputKind::U8 { zero_point: zp },
+                None => OutputKind::F32,
+            },
+        };
+        let out_scale = spec.output.map_or(1.0, |(s, _)| f64::from(s));
+        for oc in 0..cout {
+            let codes = &spec.codes[oc * k..][..k];
+            let e_ref = prog.push_channel(codes);
+            // Real pre-activation / out_scale = mult * acc + add.
+            let alpha = f64::from(spec.alphas[if spec.alphas.len() == 1 { 0 } else { oc }]);
+            let unit = f64::from(spec.input_scale) * alpha * 2f64.powi(-e_ref) / out_scale;
+            let w_sum: f64 = codes
+                .iter()
+                .filter_map(|c| {
+                    c.exponent().map(|e| {
+                        let m = 2f64.powi(e_ref - i32::from(e));
+                        if c.is_negative() { -m } else { m }
+                    })
+                })
+                .sum();
+            let bias = spec.bias.map_or(0.0, |b| f64::from(b[oc]));
+            prog.mult.push(unit as f32);
+            prog.add
+                .push((bias / out_scale - unit * f64::from(spec.input_zero_point) * w_sum) as f32);
+        }
+        Ok(prog)
+    }
+
+    /// Appends one output channel's schedule; returns the accumulator's exponent `E`.
+    fn push_channel(&mut self, codes: &[Code]) -> i32 {
+        let mut terms: Vec<(u8, bool, u16)> = codes
+            .iter()
+            .enumerate()
+            .filter_map(|(k, c)| c.exponent().map(|e| (e, c.is_negative(), k as u16)))
+            .collect();
+        terms.sort_by_key(|&(e, neg, k)| (e, neg, k));
+        if terms.is_empty() {
+            self.oc_segs.push(self.segs.len() as u32);
+            return 0;
+        }
+        // E: the largest exponent unless the i32 bound (with a margin of one per term for the
+        // flooring right shifts) forces it lower.
+        let limit = (i32::MAX as f64 - terms.len() as f64) / 255.0;
+        let (e_min, e_max) = (i32::from(terms[0].0), i32::from(terms[terms.len() - 1].0));
+        let mut e_ref = e_max;
+        while e_ref > e_min
+            && terms
+                .iter()
+                .map(|t| 2f64.powi(e_ref - i32::from(t.0)))
+                .sum::<f64>()
+                > limit
+        {
+            e_ref -= 1;
+        }
+        // Greedy segments over the exponent groups.
+        let mut i = 0;
+        let mut seg_open = false;
+        let mut bound: u64 = 0;
+        let mut last_e: u8 = 0;
+        while i < terms.len() {
+            let e = terms[i].0;
+            let group_end = terms[i..]
+                .iter()
+                .position(|t| t.0 != e)
+                .map_or(terms.len(), |p| i + p);
+            let mut start = i;
+            while start < group_end {
+                let shift = if seg_open { u32::from(e - last_e) } else { 0 };
+                // How many of this group's terms fit the open segment (all of them if it is new and
+                // the group is small).
+                let scaled = if seg_open {
+                    bound.checked_shl(shift).filter(|b| *b <= SEGMENT_BOUND)
+                } else {
+                    Some(0)
+                };
+                let room = scaled.map_or(0, |b| SEGMENT_BOUND - b) as usize;
+                if room == 0 {
+                    self.close_segment(last_e, e_ref);
+                    seg_open = false;
+                    continue;
+                }
+                let n = room.min(group_end - start);
+                if !seg_open {
+                    self.segs.push(Segment {
+                        first_step: self.steps.len() as u32,
+                        n_steps: 0,
+                        first_term: self.terms.len() as u32,
+                        shift32: 0,
+                    });
+                    seg_open = true;
+                }
+                let chunk = &terms[start..start + n];
+                let n_neg = chunk.iter().filter(|t| t.1).count();
+                // Sorted by sign within the group, so positives come first.
+                self.terms.extend(chunk.iter().map(|t| t.2));
+                self.steps.push(Step {
+                    shl16: shift as u16,
+                    n_pos: (n - n_neg) as u16,
+                    n_neg: n_neg as u16,
+                });
+                self.segs.last_mut().expect("open segment").n_steps += 1;
+                bound = scaled.unwrap_or(0) + n as u64;
+                last_e = e;
+                start += n;
+                if start < group_end {
+                    // The group overflows this segment: the rest starts a new one.
+                    self.close_segment(last_e, e_ref);
+                    seg_open = false;
+                }
+            }
+            i = group_end;
+        }
+        if seg_open {
+            self.close_segment(last_e, e_ref);
+        }
+        self.oc_segs.push(self.segs.len() as u32);
+        e_ref
+    }
+
+    fn close_segment(&mut self, last_e: u8, e_ref: i32) {
+        if let Some(s) = self.segs.last_mut() {
+            s.shift32 = e_ref - i32::from(last_e);
+        }
+    }
+
+    pub fn cout(&self) -> usize {
+        self.groups * self.cout_g
+    }
+
+    pub fn taps_per_group(&self) -> usize {
+        self.k
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    pub fn output_kind(&self) -> OutputKind {
+        self.out
+    }
+
+    /// Non-zero weight terms (adds or subtracts per output position).
+    pub fn term_count(&self) -> usize {
+        self.terms.len()
+    }
+
+    /// 16-to-32-bit widenings per output position.
+    pub fn segment_count(&self) -> usize {
+        self.segs.len()
+    }
+
+    /// Bytes of the unpacked schedule (what the engine holds for this layer's weights).
+    pub fn bytes(&self) -> usize {
+        self.taps.len() * 4
+            + self.oc_segs.len() * 4
+            + self.segs.len() * std::mem::size_of::<Segment>()
+            + self.steps.len() * std::mem::size_of::<Step>()
+            + self.terms.len() * 2
+            + self.mult.len() * 8
+    }
+
+    /// The taps of group `g`.
+    pub fn group_taps(&self, g: usize) -> &[u32] {
+        &self.taps[g * self.k..][..self.k]
+    }
+}
+
+/// A tile's output rows, `[channels][LANES]`.
+pub enum TileOut<'a> {
+    U8(&'a mut [u8]),
+    F32(&'a mut [f32]),
+}
+
+/// A shift-add conv kernel family.
+///
+/// # Safety
+/// Implementations may only be constructible (their `new` returns `Some`) on CPUs that support the
+/// instructions they use; callers rely on that to call the safe methods below.
+pub unsafe trait ShiftAddKernel: Send + Sync {
+    /// Metrics label and bench column (`scalar`, `avx2`, `avx512bw`).
+    fn name(&self) -> &'static str;
+
+    /// `tile[k][lane] = src[taps[k] + base + lane]` widened to i16, for every tap of a group.
+    /// Panics unless `src` holds every position read and `tile` has `taps.len() * LANES` lanes.
+    fn build_tile(&self, src: &[u8], taps: &[u32], base: usize, tile: &mut [i16]);
+
+    /// Runs output channels `first_oc .. first_oc + n` (all in one group) over `tile`, writing
+    /// `out[i][lane]` for channel `first_oc + i`. Panics if the range, tile or output is too small.
+    fn run_channels(
+        &self,
+        prog: &ConvProgram,
+        first_oc: usize,
+        n: usize,
+        tile: &[i16],
+        out: TileOut<'_>,
+    );
+}
+
+/// Which kernel family to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelChoice {
+    /// The best the CPU supports.
+    Auto,
+    Scalar,
+    Avx2,
+    Avx512bw,
+}
+
+impl KernelChoice {
+    pub const VAR: &'static str = "LBW_KERNEL";
+
+    pub fn parse(s: &str) -> Result<KernelChoice> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(KernelChoice::Auto),
+            "scalar" => Ok(KernelChoice::Scalar),
+            "avx2" => Ok(KernelChoice::Avx2),
+            "avx512bw" | "avx512" => Ok(KernelChoice::Avx512bw),
+            other => Err(Error::Input(format!(
+                "unknown kernel {other:?}: expected auto, scalar, avx2 or avx512bw"
+            ))),
+        }
+    }
+
+    /// `LBW_KERNEL` if set, else `Auto`.
+    pub fn from_env() -> Result<KernelChoice> {
+        match std::env::var(Self::VAR) {
+            Ok(v) => Self::parse(&v),
+            Err(_) => Ok(KernelChoice::Auto),
+        }
+    }
+}
+
+/// Every kernel this CPU can run, best first.
+pub fn available_kernels() -> Vec<Arc<dyn ShiftAddKernel>> {
+    let mut v: Vec<Arc<dyn ShiftAddKernel>> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(k) = x86_64::Avx512bwKernel::new() {
+            v.push(Arc::new(k));
+        }
+        if let Some(k) = x86_64::Avx2Kernel::new() {
+            v.push(Arc::new(k));
+        }
+    }
+    v.push(Arc::new(scalar::ScalarKernel));
+    v
+}
+
+/// Picks a kernel once (at model load): the requested family, or the best available for `Auto`.
+pub fn select_kernel(choice: KernelChoice) -> Result<Arc<dyn ShiftAddKernel>> {
+    let all = available_kernels();
+    let want = match choice {
+        KernelChoice::Auto => return Ok(all[0].clone()),
+        KernelChoice::Scalar => "scalar",
+        KernelChoice::Avx2 => "avx2",
+        KernelChoice::Avx512bw => "avx512bw",
+    };
+    all.into_iter().find(|k| k.name() == want).ok_or_else(|| {
+        Error::Input(format!(
+            "kernel {want} is not supported by this CPU (or this build's architecture)"
+        ))
+    })
+}

@@ -1,0 +1,119 @@
+//! The portable kernel: the specification every SIMD kernel must match bit for bit.
+//!
+//! Plain loops over the [`LANES`] of a tile (the compiler may vectorise them with baseline SSE2;
+//! nothing here depends on it). 16-bit arithmetic wraps like the SIMD instructions, although the
+//! schedule's bound means it never actually overflows.
+
+use super::{Activation, ConvProgram, LANES, OutputKind, ShiftAddKernel, TileOut};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScalarKernel;
+
+/// The epilogue of one lane: requantize, activate, and round to a `u8` code.
+#[inline]
+pub(crate) fn requant_f32(acc: i32, mult: f32, add: f32, act: Activation) -> f32 {
+    let t = acc as f32 * mult + add;
+    match act {
+        Activation::Linear => t,
+        Activation::Relu => t.max(0.0),
+        Activation::Leaky(a) => t.max(t * a),
+    }
+}
+
+#[inline]
+pub(crate) fn to_code(t: f32, zero_point: u8) -> u8 {
+    let r = t.clamp(-1024.0, 1024.0).round_ties_even() as i32;
+    (r + i32::from(zero_point)).clamp(0, 255) as u8
+}
+
+/// Runs one output channel's schedule over a tile: the 32-bit accumulators of its lanes.
+pub(crate) fn channel_acc(prog: &ConvProgram, oc: usize, tile: &[i16]) -> [i32; LANES] {
+    let mut acc = [0i32; LANES];
+    let segs = &prog.segs[prog.oc_segs[oc] as usize..prog.oc_segs[oc + 1] as usize];
+    for seg in segs {
+        let mut a16 = [0i16; LANES];
+        let mut t = seg.first_term as usize;
+        for step in &prog.steps[seg.first_step as usize..][..seg.n_steps as usize] {
+            for v in &mut a16 {
+                *v = v.wrapping_shl(u32::from(step.shl16));
+            }
+            for &k in &prog.terms[t..t + usize::from(step.n_pos)] {
+                let row = &tile[usize::from(k) * LANES..][..LANES];
+                for (v, &x) in a16.iter_mut().zip(row) {
+                    *v = v.wrapping_add(x);
+                }
+            }
+            t += usize::from(step.n_pos);
+            for &k in &prog.terms[t..t + usize::from(step.n_neg)] {
+                let row = &tile[usize::from(k) * LANES..][..LANES];
+                for (v, &x) in a16.iter_mut().zip(row) {
+                    *v = v.wrapping_sub(x);
+                }
+            }
+            t += usize::from(step.n_neg);
+        }
+        for (a, &v) in acc.iter_mut().zip(&a16) {
+            let w = i32::from(v);
+            let shifted = if seg.shift32 >= 0 {
+                w.wrapping_shl(seg.shift32 as u32)
+            } else {
+                w >> (-seg.shift32).min(31)
+            };
+            *a = a.wrapping_add(shifted);
+        }
+    }
+    acc
+}
+
+// SAFETY: plain Rust, runs everywhere.
+unsafe impl ShiftAddKernel for ScalarKernel {
+    fn name(&self) -> &'static str {
+        "scalar"
+    }
+
+    fn build_tile(&self, src: &[u8], taps: &[u32], base: usize, tile: &mut [i16]) {
+        for (row, &off) in tile.chunks_exact_mut(LANES).zip(taps) {
+            let s = &src[off as usize + base..][..LANES];
+            for (d, &x) in row.iter_mut().zip(s) {
+                *d = i16::from(x);
+            }
+        }
+    }
+
+    fn run_channels(
+        &self,
+        prog: &ConvProgram,
+        first_oc: usize,
+        n: usize,
+        tile: &[i16],
+        out: TileOut<'_>,
+    ) {
+        assert!(tile.len() >= prog.k * LANES);
+        match out {
+            TileOut::U8(out) => {
+                let OutputKind::U8 { zero_point } = prog.out else {
+                    panic!("u8 output for an f32 conv")
+                };
+                for i in 0..n {
+                    let oc = first_oc + i;
+                    let acc = channel_acc(prog, oc, tile);
+                    let row = &mut out[i * LANES..][..LANES];
+                    for (o, &a) in row.iter_mut().zip(&acc) {
+                        let t = requant_f32(a, prog.mult[oc], prog.add[oc], prog.act);
+                        *o = to_code(t, zero_point);
+                    }
+                }
+            }
+            TileOut::F32(out) => {
+                for i in 0..n {
+                    let oc = first_oc + i;
+                    let acc = channel_acc(prog, oc, tile);
+                    let row = &mut out[i * LANES..][..LANES];
+                    for (o, &a) in row.iter_mut().zip(&acc) {
+                        *o = requant_f32(a, prog.mult[oc], prog.add[oc], prog.act);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! Shift-add kernels: every SIMD kernel bit-exact against the scalar specification on random
+//! programs and random convs (shapes, strides, paddings, dilations, groups), the dispatcher on every
+//! kernel this CPU supports, and the engine close to the FP32 simulation of the same conv.
+
+use std::collections::BTreeMap;
+
+use lbw::engine::Backend;
+use lbw::engine::kernels::{
+    Activation, ConvProgram, ConvSpec, KernelChoice, LANES, ShiftAddKernel, TileOut,
+    available_kernels, select_kernel,
+};
+use lbw::engine::quant_params::{ActivationScales, QParams};
+use lbw::engine::shift_add::{EngineOptions, ShiftAddEngine, fake_quant_simulation};
+use lbw::model::{Conv, Graph, Node, Op, Tensor};
+use lbw::quant::{Bits, Code, QuantizedTensor};
+use proptest::prelude::*;
+
+/// A tiny deterministic generator so one proptest seed drives whole tensors.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    fn below(&mut self, n: u32) -> u32 {
+        self.next() % n
+    }
+    fn unit(&mut self) -> f32 {
+        self.next() as f32 / (1u64 << 31) as f32
+    }
+}
+
+/// Random codes of a `b`-bit set; `zero_pct` percent zeros.
+fn random_codes(rng: &mut Lcg, n: usize, bits: Bits, zero_pct: u32) -> Vec<Code> {
+    (0..n)
+        .map(|_| {
+            if rng.below(100) < zero_pct {
+                Code::ZERO
+            } else {
+                Code::new(rng.below(2) == 1, rng.below(bits.exponents() as u32) as u8)
+            }
+        })
+        .collect()
+}
+
+fn act_of(k: u32) -> Activation {
+    match k {
+        0 => Activation::Linear,
+        1 => Activation::Relu,
+        _ => Activation::Leaky(0.1),
+    }
+}
+
+fn run_program(
+    kernel: &dyn ShiftAddKernel,
+    prog: &ConvProgram,
+    tile: &[i16],
+    u8_out: bool,
+) -> (Vec<u8>, Vec<f32>) {
+    let cout = prog.cout();
+    let cout_g = cout / prog.groups();
+    let mut bytes = vec![0u8; cout * LANES];
+    let mut floats = vec![0f32; cout * LANES];
+    for g in 0..prog.groups() {
+        let first = g * cout_g;
+        if u8_out {
+            let out = &mut bytes[first * LANES..][..cout_g * LANES];
+            kernel.run_channels(prog, first, cout_g, tile, TileOut::U8(out));
+        } else {
+            let out = &mut floats[first * LANES..][..cout_g * LANES];
+            kernel.run_channels(prog, first, cout_g, tile, TileOut::F32(out));
+        }
+    }
+    (bytes, floats)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Programs with many terms per exponent (segment splits), wide exponent spreads (the i32 cap
+    /// and right shifts) and full-range activations.
+    #[test]
+    fn kernels_match_scalar_on_random_programs(
+        seed in any::<u64>(),
+        k in 1usize..600,
+        cout in 1usize..6,
+        bits in 2u8..=8,
+        zero_pct in 0u32..90,
+        act in 0u32..3,
+        u8_out in any::<bool>(),
+        zp in any::<u8>(),
+    ) {
+        let mut rng = Lcg(seed);
+        let bits = Bits::new(bits).unwrap();
+        let codes = random_codes(&mut rng, cout * k, bits, zero_pct);
+        let alphas: Vec<f32> = (0..cout).map(|_| 0.01 + rng.unit()).collect();
+        let bias: Vec<f32> = (0..cout).map(|_| rng.unit() - 0.5).collect();
+        let prog = ConvProgram::build(&ConvSpec {
+            groups: 1,
+            codes: &codes,
+            alphas: &alphas,
+            bias: Some(&bias),
+            taps: (0..k as u32).collect(),
+            input_scale: 0.02,
+            input_zero_point: zp,
+            act: act_of(act),
+            output: u8_out.then_some((0.05 + rng.unit(), rng.below(256) as u8)),
+        }).unwrap();
+        // Saturated activations half the time: the overflow bound's worst case.
+        let extreme = rng.below(2) == 0;
+        let tile: Vec<i16> = (0..k * LANES)
+            .map(|_| if extreme { 255 * rng.below(2) as i16 } else { rng.below(256) as i16 })
+            .collect();
+        let scalar = select_kernel(KernelChoice::Scalar).unwrap();
+        let want = run_program(scalar.as_ref(), &prog, &tile, u8_out);
+        for kernel in available_kernels() {
+            let got = run_program(kernel.as_ref(), &prog, &tile, u8_out);
+            prop_assert_eq!(&got.0, &want.0, "kernel {}", kernel.name());
+            let bits_eq = got.1.iter().zip(&want.1).all(|(a, b)| a.to_bits() == b.to_bits());
+            prop_assert!(bits_eq, "kernel {} f32 outputs differ", kernel.name());
+        }
+    }
+
+    /// Whole convs through the engine: every kernel gives the same bytes.
+    #[test]
+    fn engine_kernels_agree_on_random_convs(
+        seed in any::<u64>(),
+        groups in 1usize..4,
+        depthwise in any::<bool>(),
+        cin_g in 1usize..5,
+        cout_g in 1usize..5,
+        kernel in 1usize..6,
+        stride in 1usize..3,
+        dilation in 1usize..3,
+        pads in proptest::array::uniform4(0usize..3),
+        h in 3usize..20,
+        w in 3usize..20,
+        bits in 2u8..=8,
+        act in 0u32..3,
+    ) {
+        let mut rng = Lcg(seed);
+        let (cin_g, cout_g) = if depthwise { (1, 1) } else { (cin_g, cout_g) };
+        let span = dilation * (kernel - 1) + 1;
+        prop_assume!(h + pads[0] + pads[2] >= span && w + pads[1] + pads[3] >= span);
+        let case = RandomConv::new(
+            &mut rng, groups, cin_g, cout_g, kernel, stride, dilation, pads, h, w, bits, act,
+        );
+        let want = case.run(KernelChoice::Scalar);
+        // The geometry (padding, stride, dilation, groups) against the reference interpreter: the
+        // FP32 simulation differs only where float rounding flips a middle code by one step, which
+        // moves an output by at most that step times conv2's largest weight (alpha 0.3).
+        let engine = case.engine(KernelChoice::Scalar);
+        let sim = fake_quant_simulation(&case.graph, &case.weights, &engine).unwrap();
+        let reference = sim.run(case.input.clone()).unwrap();
+        let step = case.scales.scales.values().map(|p| p.scale).fold(0f32, f32::max);
+        let mut far = 0;
+        for (a, b) in want[0].data.iter().zip(&reference[0].data) {
+            let d = (a - b).abs();
+            prop_assert!(d <= 0.3 * step * (groups * cout_g) as f32 + 1e-3, "{a} vs {b}");
+            far += usize::from(d > 1e-3);
+        }
+        prop_assert!(far * 20 <= want[0].data.len(), "{far} of {} outputs differ", want[0].data.len());
+        for k in available_kernels() {
+            let choice = KernelChoice::parse(k.name()).unwrap();
+            let got = case.run(choice);
+            for (a, b) in got.iter().zip(&want) {
+                let same = a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits());
+                prop_assert!(same, "kernel {} differs from scalar", k.name());
+            }
+        }
+    }
+}
+
+/// A random two-conv graph: a conv with a fused activation and a `u8` output, then a 1x1 conv
+/// with an f32 output, so both epilogues are covered.
+struct RandomConv {
+    graph: Graph,
+    weights: BTreeMap<String, QuantizedTensor>,
+    scales: ActivationScales,
+    input: Tensor,
+}
+
+impl RandomConv {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        rng: &mut Lcg,
+        groups: usize,
+        cin_g: usize,
+        cout_g: usize,
+        kernel: usize,
+        stride: usize,
+        dilation: usize,
+        pads: [usize; 4],
+        h: usize,
+        w: usize,
+        bits: u8,
+        act: u32,
+    ) -> Self {
+        let bits = Bits::new(bits).unwrap();
+        let (cin, cout) = (groups * cin_g, groups * cout_g);
+        let w1_shape = vec![cout, cin_g, kernel, kernel];
+        let n1: usize = w1_shape.iter().product();
+        let w2_shape = vec![3, cout, 1, 1];
+        let q1 = QuantizedTensor {
+            bits,
+            shape: w1_shape.clone(),
+            alphas: (0..cout).map(|_| 0.05 + rng.unit()).collect(),
+            codes: random_codes(rng, n1, bits, 30),
+            objective: 0.0,
+        };
+        let q2 = QuantizedTensor {
+            bits,
+            shape: w2_shape.clone(),
+            alphas: vec![0.3],
+            codes: random_codes(rng, 3 * cout, bits, 10),
+            objective: 0.0,
+        };
+        let mut weights_f32 = BTreeMap::new();
+        weights_f32.insert("w1".to_string(), q1.to_tensor());
+        weights_f32.insert(
+            "b1".to_string(),
+            Tensor::new(vec![cout], (0..cout).map(|_| rng.unit() - 0.5).collect()).unwrap(),
+        );
+        weights_f32.insert("w2".to_string(), q2.to_tensor());
+        let act_op = match act {
+            0 => None,
+            1 => Some(Op::Relu),
+            _ => Some(Op::LeakyRelu { alpha: 0.1 }),
+        };
+        let mut nodes = vec![Node {
+            name: "conv1".into(),
+            op: Op::Conv(Conv {
+                weight: "w1".into(),
+                bias: Some("b1".into()),
+                kernel: [kernel, kernel],
+                stride: [stride, stride],
+                pads,
+                dilation: [dilation, dilation],
+                groups,
+            }),
+            inputs: vec!["x".into()],
+            output: "c1".into(),
+        }];
+        let mid = if let Some(op) = act_op {
+            nodes.push(Node {
+                name: "act1".into(),
+                op,
+                inputs: vec!["c1".into()],
+                output: "a1".into(),
+            });
+            "a1"
+        } else {
+            "c1"
+        };
+        nodes.push(Node {
+            name: "conv2".into(),
+            op: Op::Conv(Conv {
+                weight: "w2".into(),
+                bias: None,
+                kernel: [1, 1],
+                stride: [1, 1],
+                pads: [0; 4],
+                dilation: [1, 1],
+                groups: 1,
+            }),
+            inputs: vec![mid.into()],
+            output: "y".into(),
+        });
+        let graph = Graph {
+            name: "random".into(),
+            input: "x".into(),
+            input_shape: vec![1, cin, h, w],
+            outputs: vec!["y".into()],
+            nodes,
+            weights: weights_f32,
+        };
+        let mut scales = BTreeMap::new();
+        scales.insert("x".to_string(), QParams::from_range(-1.0, 2.0));
+        let (lo, hi) = if act == 1 { (0.0, 4.0) } else { (-2.0, 4.0) };
+        scales.insert(mid.to_string(), QParams::from_range(lo, hi));
+        let n_in = cin * h * w;
+        let input = Tensor::new(
+            vec![1, cin, h, w],
+            (0..n_in).map(|_| rng.unit() * 3.0 - 1.0).collect(),
+        )
+        .unwrap();
+        let mut weights = BTreeMap::new();
+        weights.insert("w1".to_string(), q1);
+        weights.insert("w2".to_string(), q2);
+        RandomConv {
+            graph,
+            weights,
+            scales: ActivationScales { scales },
+            input,
+        }
+    }
+
+    fn engine(&self, kernel: KernelChoice) -> ShiftAddEngine {
+        ShiftAddEngine::new(
+            &self.graph,
+            &self.weights,
+            &self.scales,
+            &EngineOptions { kernel, threads: 1 },
+        )
+        .unwrap()
+    }
+
+    fn run(&self, kernel: KernelChoice) -> Vec<Tensor> {
+        self.engine(kernel).run(self.input.clone()).unwrap()
+    }
+}
+
+#[test]
+fn engine_is_close_to_the_fake_quant_simulation_on_a_conv() {
+    let mut rng = Lcg(7);
+    let case = RandomConv::new(&mut rng, 2, 3, 4, 3, 2, 1, [1, 1, 1, 1], 17, 13, 6, 2);
+    let engine = case.engine(KernelChoice::Auto);
+    let sim = fake_quant_simulation(&case.graph, &case.weights, &engine).unwrap();
+    let want = sim.run(case.input.clone()).unwrap();
+    let got = engine.run(case.input.clone()).unwrap();
+    // The only differences are float rounding flipping a u8 code at a tie: at most one step of
+    // the middle grid times the largest |weight| of conv2, summed over its inputs.
+    let step = case.scales.scales["a1"].scale;
+    for (a, b) in got[0].data.iter().zip(&want[0].data) {
+        assert!((a - b).abs() <= step * 0.3 * 8.0 + 1e-4, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn dispatcher_offers_every_supported_kernel() {
+    let names: Vec<&str> = available_kernels().iter().map(|k| k.name()).collect();
+    assert_eq!(names.last(), Some(&"scalar"));
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert_eq!(
+            names.contains(&"avx2"),
+            std::arch::is_x86_feature_detected!("avx2")
+        );
+        assert_eq!(
+            names.contains(&"avx512bw"),
+            std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512f")
+        );
+    }
+    // Auto picks the first (best) one; a named one is that one or an error.
+    assert_eq!(select_kernel(KernelChoice::Auto).unwrap().name(), names[0]);
+    for choice in [
+        KernelChoice::Scalar,
+        KernelChoice::Avx2,
+        KernelChoice::Avx512bw,
+    ] {
+        match select_kernel(choice) {
+            Ok(k) => assert!(names.contains(&k.name())),
+            Err(e) => assert!(e.to_string().contains("not supported"), "{e}"),
+        }
+    }
+    assert!(KernelChoice::parse("neon").is_err());
+    assert_eq!(
+        KernelChoice::parse("AVX512BW").unwrap(),
+        KernelChoice::Avx512bw
+    );
+}
