@@ -13,5 +13,6 @@ pub mod model;
 pub mod paths;
 pub mod quant;
 pub mod serve;
+pub mod train;
 
 pub use error::{Error, Result};

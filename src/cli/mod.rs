@@ -3,6 +3,7 @@
 
 mod detect;
 mod eval;
+mod finetune;
 mod models;
 
 use std::process::ExitCode;
@@ -26,6 +27,8 @@ enum Command {
     Detect(detect::DetectArgs),
     /// Score detections (a model run or a saved file) on a VOC or COCO dataset: VOC AP and COCO AP.
     Eval(eval::EvalArgs),
+    /// Retrain a model with its power-of-two quantizer in the loop (distillation from FP32).
+    Finetune(finetune::FinetuneArgs),
     /// List the built-in models and whether their files are present and verified.
     Models(models::ModelsArgs),
     /// Import a model and write its internal graph as an ONNX file.
@@ -49,6 +52,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Detect(a) => detect::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Finetune(a) => finetune::run(a),
         Command::Models(a) => models::run_list(a),
         Command::ExportOnnx(a) => models::run_export(a),
     };

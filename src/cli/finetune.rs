@@ -1,0 +1,157 @@
+//! `lbw finetune`: retrain a detector with its power-of-two quantizer in the loop.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::quant::{Bits, Method};
+use crate::train::{DEFAULT_BATCH, DEFAULT_LR, FinetuneConfig, TrainDevice, finetune};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// Model id (see `lbw models`): the FP32 teacher and the starting weights.
+    #[arg(long)]
+    pub model: String,
+    /// Weight bit-width, 2..=8 (the set {0, ±2^0 .. ±2^(1-2^(b-2))} times a scale).
+    #[arg(long)]
+    pub bits: u8,
+    /// Quantizer: lbw (LBW-Net's threshold rule), optimal (exact sweep) or ternary (2 bits only).
+    #[arg(long, default_value = "lbw")]
+    pub method: Method,
+    /// The lbw method's free parameter (its per-bit-width default when absent).
+    #[arg(long)]
+    pub param: Option<f32>,
+    /// One scale per output channel instead of one per tensor.
+    #[arg(long)]
+    pub per_channel: bool,
+    /// Keep this conv (node or weight name) at full precision; repeatable.
+    #[arg(long = "keep")]
+    pub keep: Vec<String>,
+    /// Folder of training photos (searched recursively, no labels needed); repeatable.
+    #[arg(long = "images", required = true)]
+    pub images: Vec<PathBuf>,
+    /// Total optimiser steps [default: 600].
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<u64>,
+    /// Passes over the photos, instead of --steps.
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Images per step.
+    #[arg(long, default_value_t = DEFAULT_BATCH)]
+    pub batch: usize,
+    /// Peak learning rate (Adam), reached after the warm-up and decayed by a cosine.
+    #[arg(long, default_value_t = DEFAULT_LR)]
+    pub lr: f64,
+    /// Warm-up steps [default: 5 % of the run].
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Seed for the image order and augmentation: the same seed gives the same run.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Training input side, a multiple of 32 [default: 256, or the model's input if smaller].
+    #[arg(long)]
+    pub resolution: Option<u32>,
+    /// Feed the photos without random crops, flips or colour jitter.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Keep activations in FP32 during training (default: 8-bit fake quantization as the
+    /// shift-add engine computes).
+    #[arg(long)]
+    pub fp32_activations: bool,
+    /// Continue from a checkpoint (its schedule, batch, seed and learning rate are used).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Checkpoint file [default: OUTPUT.ckpt].
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: u64,
+    /// JSON-lines training log [default: OUTPUT.log.jsonl].
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// Stop after this many steps (checkpoint written); continue later with --resume.
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// Where to train.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Output `.lbw` file.
+    #[arg(short = 'o', long)]
+    pub output: PathBuf,
+}
+
+pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
+    let bits = Bits::new(args.bits)?;
+    let mut cfg = FinetuneConfig::new(&args.model, bits, args.images, args.output);
+    cfg.method = args.method;
+    cfg.param = args.param;
+    cfg.per_channel = args.per_channel;
+    cfg.keep_full_precision = args.keep;
+    cfg.steps = args.steps;
+    cfg.epochs = args.epochs;
+    cfg.batch = args.batch;
+    cfg.lr = args.lr;
+    cfg.warmup_steps = args.warmup;
+    cfg.seed = args.seed;
+    cfg.resolution = args.resolution;
+    cfg.augment = !args.no_augment;
+    cfg.fake_quant_activations = !args.fp32_activations;
+    cfg.resume = args.resume;
+    cfg.checkpoint = args.checkpoint;
+    cfg.checkpoint_every = args.checkpoint_every;
+    cfg.log = args.log;
+    cfg.stop_after = args.stop_after;
+    cfg.device = match args.device {
+        DeviceArg::Cpu => TrainDevice::Cpu,
+        DeviceArg::Cuda => TrainDevice::Cuda,
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} training [{bar:30}] step {pos}/{len}, {msg}, {elapsed} elapsed, eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let summary = finetune(&cfg, &mut |r| {
+        if bar.length() != Some(r.total_steps) {
+            bar.set_length(r.total_steps);
+            bar.set_position(r.step.saturating_sub(1));
+            bar.reset_eta();
+        }
+        bar.set_message(format!(
+            "loss {:.4} (obj {:.4} cls {:.4} box {:.4}), lr {:.2e}, {:.2} img/s",
+            r.loss.total, r.loss.objectness, r.loss.class, r.loss.bbox, r.lr, r.images_per_s
+        ));
+        bar.set_position(r.step);
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "trained steps {}..{} of {} in {:.0} s ({:.2} images/s); loss {} -> {}",
+        summary.start_step,
+        summary.end_step,
+        summary.total_steps,
+        summary.wall_s,
+        summary.images_per_s,
+        summary
+            .initial_loss
+            .map_or("-".into(), |l| format!("{l:.4}")),
+        summary.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+    );
+    match &summary.output {
+        Some(p) => eprintln!("wrote {}", p.display()),
+        None => eprintln!(
+            "stopped before the end of the schedule; continue with --resume {}",
+            summary.checkpoint.display()
+        ),
+    }
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}

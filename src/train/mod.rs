@@ -1,0 +1,843 @@
+//! Retraining with the quantizer in the loop (LBW-Net): distillation from the FP32 detector into
+//! its power-of-two version.
+//!
+//! Rounding a trained detector's weights to `alpha * {0, ±2^-e}` after training loses most of its
+//! detections: powers of two have no mantissa, so every layer is 10-19 % off in relative L2 and the
+//! errors compound. Retraining lets the network adapt to the rounding. Each step:
+//!
+//! 1. a batch of augmented photos ([`data`]) runs through the FP32 teacher (the imported graph);
+//! 2. the student runs the same batch with its conv weights quantized by [`crate::quant`] (the same
+//!    quantizer, bit-width and grouping that the final `.lbw` uses) and its activations rounded to
+//!    the 8-bit grids of the shift-add engine ([`net`]);
+//! 3. the loss ([`distill`]) measures how far the student's raw head outputs are from the teacher's;
+//! 4. its gradient reaches the full-precision shadow weights through the straight-through estimator
+//!    `w_q = w + (Q(w) - w).detach()`, and Adam ([`optim`]) updates them.
+//!
+//! At the end the shadow weights are quantized once more and written as a `.lbw` file.
+
+pub mod checkpoint;
+pub mod data;
+pub mod distill;
+pub mod net;
+pub mod optim;
+mod rng;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::{Device, Tensor};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::lbw_file::{LbwFile, LbwMetadata};
+use crate::model::manifest::InputSpec;
+use crate::model::{Graph, LoadedModel};
+use crate::quant::{Bits, Method, QuantizedTensor, Quantizer, simulate_graph};
+use checkpoint::{Checkpoint, CheckpointHeader, ParamEntry};
+use data::{Augment, ImageSet};
+use distill::{LossParts, distill_loss};
+use net::{ActivationQuant, ForwardWeights, TrainGraph, tensor_from, to_host};
+use optim::{AdamConfig, AdamState, Schedule, adam_step};
+use rng::SplitMix64;
+
+/// Steps of the default schedule. Measured on a 2-core machine at 256x256 with batch 8 this is
+/// well under an hour for yolo-fastest-voc (see docs/TRAINING.md).
+pub const DEFAULT_STEPS: u64 = 600;
+pub const DEFAULT_BATCH: usize = 8;
+pub const DEFAULT_LR: f64 = 5e-4;
+/// Default training side length: the graphs are fully convolutional, and 256 instead of 320 costs
+/// 1.56x less per image while the teacher still sees objects at their usual scales (the random
+/// crops zoom in and out anyway).
+pub const DEFAULT_RESOLUTION: u32 = 256;
+/// Batches used to set the initial activation ranges before the first step.
+const CALIBRATION_BATCHES: u64 = 2;
+/// Per-step momentum of the activation-range moving average.
+const RANGE_MOMENTUM: f32 = 0.95;
+
+/// Where the compute runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainDevice {
+    /// burn's Flex backend on the CPU cores (rayon threads).
+    #[default]
+    Cpu,
+    /// burn's CUDA backend, device 0 (needs the `cuda` Cargo feature).
+    Cuda,
+}
+
+impl TrainDevice {
+    fn device(self) -> Result<Device> {
+        match self {
+            TrainDevice::Cpu => Ok(Device::flex()),
+            #[cfg(feature = "cuda")]
+            TrainDevice::Cuda => Ok(Device::cuda(0)),
+            #[cfg(not(feature = "cuda"))]
+            TrainDevice::Cuda => Err(Error::Input(
+                "this build has no CUDA support: rebuild with `--features cuda`".into(),
+            )),
+        }
+    }
+}
+
+/// Everything `lbw finetune` takes.
+#[derive(Debug, Clone)]
+pub struct FinetuneConfig {
+    /// Built-in model id (the FP32 teacher and the student's starting point).
+    pub model: String,
+    /// Models folder (`None`: [`crate::paths::model_dir`]).
+    pub models_root: Option<PathBuf>,
+    pub bits: Bits,
+    pub method: Method,
+    pub param: Option<f32>,
+    pub per_channel: bool,
+    /// Convs left at full precision (node or weight names).
+    pub keep_full_precision: Vec<String>,
+    pub image_dirs: Vec<PathBuf>,
+    /// Total optimiser steps; `None` with `epochs` unset means [`DEFAULT_STEPS`].
+    pub steps: Option<u64>,
+    /// Passes over the images (converted to steps); exclusive with `steps`.
+    pub epochs: Option<f64>,
+    pub batch: usize,
+    pub lr: f64,
+    /// Warm-up steps (`None`: 5 % of the run, at least 1).
+    pub warmup_steps: Option<u64>,
+    pub seed: u64,
+    /// Training input side length (`None`: [`DEFAULT_RESOLUTION`], capped at the model's own).
+    pub resolution: Option<u32>,
+    pub augment: bool,
+    /// Round activations to 8-bit grids as the shift-add engine does.
+    pub fake_quant_activations: bool,
+    pub resume: Option<PathBuf>,
+    pub output: PathBuf,
+    /// Checkpoint path (`None`: `<output>.ckpt`).
+    pub checkpoint: Option<PathBuf>,
+    pub checkpoint_every: u64,
+    /// JSON-lines log (`None`: `<output>.log.jsonl`).
+    pub log: Option<PathBuf>,
+    /// Stop after this many steps in this invocation (the schedule is unchanged; resume later).
+    pub stop_after: Option<u64>,
+    pub device: TrainDevice,
+}
+
+impl FinetuneConfig {
+    pub fn new(model: &str, bits: Bits, image_dirs: Vec<PathBuf>, output: PathBuf) -> Self {
+        FinetuneConfig {
+            model: model.to_string(),
+            models_root: None,
+            bits,
+            method: Method::Lbw,
+            param: None,
+            per_channel: false,
+            keep_full_precision: vec![],
+            image_dirs,
+            steps: None,
+            epochs: None,
+            batch: DEFAULT_BATCH,
+            lr: DEFAULT_LR,
+            warmup_steps: None,
+            seed: 0,
+            resolution: None,
+            augment: true,
+            fake_quant_activations: true,
+            resume: None,
+            output,
+            checkpoint: None,
+            checkpoint_every: 50,
+            log: None,
+            stop_after: None,
+            device: TrainDevice::Cpu,
+        }
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.checkpoint
+            .clone()
+            .unwrap_or_else(|| with_suffix(&self.output, ".ckpt"))
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.log
+            .clone()
+            .unwrap_or_else(|| with_suffix(&self.output, ".log.jsonl"))
+    }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// One line of the training log (and what the progress callback sees).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    /// 1-based step just completed.
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: LossParts,
+    pub lr: f64,
+    /// Training throughput of this step (teacher and student forward, backward, update).
+    pub images_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// What a finished (or stopped) invocation did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinetuneSummary {
+    pub model: String,
+    pub bits: u8,
+    pub method: Method,
+    pub per_channel: bool,
+    pub start_step: u64,
+    pub end_step: u64,
+    pub total_steps: u64,
+    pub batch: usize,
+    pub resolution: [u32; 2],
+    pub images_available: usize,
+    pub initial_loss: Option<f64>,
+    pub final_loss: Option<f64>,
+    /// Wall-clock seconds of this invocation's training steps.
+    pub wall_s: f64,
+    pub images_per_s: f64,
+    /// The `.lbw` file, when the schedule completed.
+    pub output: Option<PathBuf>,
+    pub checkpoint: PathBuf,
+    pub log: PathBuf,
+}
+
+/// A trainable tensor: a conv weight (quantized in the forward pass unless kept) or a bias.
+#[derive(Debug, Clone)]
+struct ParamSlot {
+    name: String,
+    shape: Vec<usize>,
+    kind: ParamKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ParamKind {
+    Weight { quantized: bool },
+    Bias,
+}
+
+fn param_slots(graph: &Graph, keep: &[String]) -> Result<Vec<ParamSlot>> {
+    let keep: BTreeSet<&str> = keep.iter().map(String::as_str).collect();
+    for name in &keep {
+        if !graph
+            .convs()
+            .any(|(n, c)| n.name == *name || c.weight == *name)
+        {
+            return Err(Error::Input(format!(
+                "--keep {name:?} names no conv layer or conv weight of {}",
+                graph.name
+            )));
+        }
+    }
+    let mut seen = BTreeSet::new();
+    let mut slots = Vec::new();
+    for (node, conv) in graph.convs() {
+        if seen.insert(conv.weight.clone()) {
+            let w = graph.weight(&conv.weight)?;
+            if w.shape.len() != 4 {
+                return Err(Error::Model(format!(
+                    "conv {} has a weight of shape {:?}",
+                    node.name, w.shape
+                )));
+            }
+            let kept = keep.contains(node.name.as_str()) || keep.contains(conv.weight.as_str());
+            slots.push(ParamSlot {
+                name: conv.weight.clone(),
+                shape: w.shape.clone(),
+                kind: ParamKind::Weight { quantized: !kept },
+            });
+        }
+        if let Some(b) = &conv.bias
+            && seen.insert(b.clone())
+        {
+            let t = graph.weight(b)?;
+            slots.push(ParamSlot {
+                name: b.clone(),
+                shape: vec![t.len()],
+                kind: ParamKind::Bias,
+            });
+        }
+    }
+    Ok(slots)
+}
+
+fn shape4(shape: &[usize]) -> Result<[usize; 4]> {
+    shape
+        .try_into()
+        .map_err(|_| Error::Model(format!("expected a rank-4 shape, got {shape:?}")))
+}
+
+/// The run's fixed settings, resolved from the config or a checkpoint.
+struct RunPlan {
+    header: CheckpointHeader,
+    values: Vec<Vec<f32>>,
+    adam: Vec<AdamState>,
+}
+
+fn plan_run(
+    cfg: &FinetuneConfig,
+    model: &LoadedModel,
+    slots: &[ParamSlot],
+    images: usize,
+) -> Result<RunPlan> {
+    if let Some(path) = &cfg.resume {
+        let ck = Checkpoint::read(path)?;
+        let h = &ck.header;
+        let mismatch = |what: &str, ck: String, now: String| {
+            Error::Input(format!(
+                "--resume {}: the checkpoint was made with {what} {ck}, this run asks for {now}",
+                path.display()
+            ))
+        };
+        if h.model != cfg.model {
+            return Err(mismatch("model", h.model.clone(), cfg.model.clone()));
+        }
+        if h.bits != cfg.bits.get() {
+            return Err(mismatch("bits", h.bits.to_string(), cfg.bits.to_string()));
+        }
+        if h.method != cfg.method.name() || h.per_channel != cfg.per_channel {
+            return Err(mismatch(
+                "method",
+                format!("{} (per-channel {})", h.method, h.per_channel),
+                format!("{} (per-channel {})", cfg.method, cfg.per_channel),
+            ));
+        }
+        let expected: Vec<ParamEntry> = slots
+            .iter()
+            .map(|s| ParamEntry {
+                name: s.name.clone(),
+                shape: s.shape.clone(),
+            })
+            .collect();
+        if h.params != expected {
+            return Err(Error::Input(format!(
+                "--resume {}: the checkpoint's parameters do not match {}",
+                path.display(),
+                cfg.model
+            )));
+        }
+        return Ok(RunPlan {
+            header: ck.header,
+            values: ck.values,
+            adam: ck.adam,
+        });
+    }
+    if cfg.batch == 0 || cfg.batch > 1024 {
+        return Err(Error::Input(format!(
+            "--batch must be in 1..=1024, got {}",
+            cfg.batch
+        )));
+    }
+    if !(cfg.lr.is_finite() && cfg.lr > 0.0 && cfg.lr < 1.0) {
+        return Err(Error::Input(format!(
+            "--lr must be in (0, 1), got {}",
+            cfg.lr
+        )));
+    }
+    let total_steps = match (cfg.steps, cfg.epochs) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Input("give --steps or --epochs, not both".into()));
+        }
+        (Some(s), None) => s,
+        (None, Some(e)) if e.is_finite() && e > 0.0 => {
+            ((e * images as f64) / cfg.batch as f64).ceil() as u64
+        }
+        (None, Some(e)) => {
+            return Err(Error::Input(format!("--epochs must be positive, got {e}")));
+        }
+        (None, None) => DEFAULT_STEPS,
+    };
+    if total_steps == 0 {
+        return Err(Error::Input("the run needs at least one step".into()));
+    }
+    let native = [model.manifest.input.width, model.manifest.input.height];
+    let resolution = match cfg.resolution {
+        Some(r) if r < 32 || r % 32 != 0 => {
+            return Err(Error::Input(format!(
+                "--resolution must be a positive multiple of 32, got {r}"
+            )));
+        }
+        Some(r) => [r, r],
+        None => native.map(|n| n.min(DEFAULT_RESOLUTION)),
+    };
+    let values = slots
+        .iter()
+        .map(|s| Ok(model.graph.weight(&s.name)?.data.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let adam = values.iter().map(|v| AdamState::zeros(v.len())).collect();
+    Ok(RunPlan {
+        header: CheckpointHeader {
+            model: cfg.model.clone(),
+            bits: cfg.bits.get(),
+            method: cfg.method.name().to_string(),
+            param: cfg.param,
+            per_channel: cfg.per_channel,
+            keep_full_precision: cfg.keep_full_precision.clone(),
+            seed: cfg.seed,
+            batch: cfg.batch,
+            lr: cfg.lr,
+            warmup_steps: cfg
+                .warmup_steps
+                .unwrap_or((total_steps / 20).max(1))
+                .min(total_steps),
+            total_steps,
+            resolution,
+            augment: cfg.augment,
+            fake_quant_activations: cfg.fake_quant_activations,
+            step: 0,
+            elapsed_s: 0.0,
+            activation_ranges: BTreeMap::new(),
+            initial_loss: None,
+            recent_loss: None,
+            params: slots
+                .iter()
+                .map(|s| ParamEntry {
+                    name: s.name.clone(),
+                    shape: s.shape.clone(),
+                })
+                .collect(),
+        },
+        values,
+        adam,
+    })
+}
+
+/// Deterministic batches: sample `p` (counted over the whole run) is image `perm_e[p % n]` of
+/// epoch `e = p / n`, augmented with a generator derived from `p`.
+struct BatchSource<'a> {
+    images: &'a ImageSet,
+    spec: InputSpec,
+    augment: Augment,
+    seed: u64,
+}
+
+const PURPOSE_ORDER: u64 = 1;
+const PURPOSE_AUGMENT: u64 = 2;
+const PURPOSE_CALIBRATION: u64 = 3;
+
+impl BatchSource<'_> {
+    /// `[N, 3, H, W]` for samples `first .. first + n` of the stream `purpose`.
+    fn batch(&self, purpose: u64, first: u64, n: usize) -> Result<Vec<f32>> {
+        let count = self.images.len() as u64;
+        let mut perms: HashMap<u64, Vec<usize>> = HashMap::new();
+        let picks: Vec<(u64, usize)> = (first..first + n as u64)
+            .map(|p| {
+                let epoch = p / count;
+                let perm = perms.entry(epoch).or_insert_with(|| {
+                    SplitMix64::derive(self.seed, purpose * 1000 + PURPOSE_ORDER, epoch)
+                        .permutation(count as usize)
+                });
+                (p, perm[(p % count) as usize])
+            })
+            .collect();
+        let samples: Vec<Vec<f32>> = picks
+            .par_iter()
+            .map(|&(p, idx)| self.sample(purpose, p, idx))
+            .collect::<Result<_>>()?;
+        Ok(samples.concat())
+    }
+
+    fn sample(&self, purpose: u64, p: u64, idx: usize) -> Result<Vec<f32>> {
+        let n = self.images.len();
+        let mut last_err = None;
+        // An unreadable photo is skipped (with a warning) in favour of the next one, so one bad
+        // file does not end an hour-long run; eight in a row is a real problem.
+        for k in 0..8.min(n) {
+            let path = &self.images.paths[(idx + k) % n];
+            match data::load_image(path) {
+                Ok(img) => {
+                    let mut rng =
+                        SplitMix64::derive(self.seed, purpose * 1000 + PURPOSE_AUGMENT, p);
+                    return Ok(data::augmented_input(
+                        &img,
+                        &self.spec,
+                        &self.augment,
+                        &mut rng,
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!("skipping training image: {e}");
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| Error::Input("no readable training image".into())))
+    }
+}
+
+/// The student's conv weights as the forward pass sees them: `alpha * Q(w)` for quantized weights,
+/// with the gradient passed straight through to the shadow weights.
+fn student_weights(
+    slots: &[ParamSlot],
+    values: &[Vec<f32>],
+    quantizer: &dyn Quantizer,
+    bits: Bits,
+    per_channel: bool,
+    device: &Device,
+    track: bool,
+) -> Result<(ForwardWeights, Vec<Option<LeafParam>>)> {
+    let quantized: Vec<Option<Vec<f32>>> = slots
+        .par_iter()
+        .zip(values)
+        .map(|(s, v)| match s.kind {
+            ParamKind::Weight { quantized: true } => quantizer
+                .quantize_tensor(v, &s.shape, bits, per_channel)
+                .map(|q| Some(q.dequantize()))
+                .map_err(|e| Error::Model(format!("quantizing {}: {e}", s.name))),
+            _ => Ok(None),
+        })
+        .collect::<Result<_>>()?;
+    let mut fw = ForwardWeights::default();
+    let mut leaves = Vec::with_capacity(slots.len());
+    for ((s, v), q) in slots.iter().zip(values).zip(quantized) {
+        match s.kind {
+            ParamKind::Weight { .. } => {
+                let shape = shape4(&s.shape)?;
+                let mut leaf = tensor_from(v.clone(), shape, device);
+                if track {
+                    leaf = leaf.require_grad();
+                }
+                let eff = match q {
+                    // Straight-through: the value is Q(w), the gradient is the identity to w.
+                    Some(q) => leaf.clone() - leaf.clone().detach() + tensor_from(q, shape, device),
+                    None => leaf.clone(),
+                };
+                fw.weights.insert(s.name.clone(), eff);
+                leaves.push(track.then_some(LeafParam::W4(leaf)));
+            }
+            ParamKind::Bias => {
+                let mut leaf = tensor_from(v.clone(), [v.len()], device);
+                if track {
+                    leaf = leaf.require_grad();
+                }
+                fw.biases.insert(s.name.clone(), leaf.clone());
+                leaves.push(track.then_some(LeafParam::B1(leaf)));
+            }
+        }
+    }
+    Ok((fw, leaves))
+}
+
+enum LeafParam {
+    W4(Tensor<4>),
+    B1(Tensor<1>),
+}
+
+fn constant_weights(graph: &Graph, slots: &[ParamSlot], device: &Device) -> Result<ForwardWeights> {
+    let mut fw = ForwardWeights::default();
+    for s in slots {
+        let t = graph.weight(&s.name)?;
+        match s.kind {
+            ParamKind::Weight { .. } => {
+                fw.weights.insert(
+                    s.name.clone(),
+                    tensor_from(t.data.clone(), shape4(&s.shape)?, device),
+                );
+            }
+            ParamKind::Bias => {
+                fw.biases.insert(
+                    s.name.clone(),
+                    tensor_from(t.data.clone(), [t.len()], device),
+                );
+            }
+        }
+    }
+    Ok(fw)
+}
+
+/// Runs (or resumes) a retraining and writes the `.lbw` file when the schedule completes.
+/// `on_step` sees every completed step (the CLI draws its progress bar from it).
+pub fn finetune(
+    cfg: &FinetuneConfig,
+    on_step: &mut dyn FnMut(&StepReport),
+) -> Result<FinetuneSummary> {
+    let model = match &cfg.models_root {
+        Some(root) => crate::model::load_builtin_from(&cfg.model, root)?,
+        None => crate::model::load_builtin(&cfg.model)?,
+    };
+    let images = ImageSet::scan(&cfg.image_dirs)?;
+    let quantizer = cfg.method.quantizer(cfg.param)?;
+    let train_graph = TrainGraph::new(&model.graph)?;
+    let slots = param_slots(&model.graph, &cfg.keep_full_precision)?;
+    let RunPlan {
+        mut header,
+        mut values,
+        mut adam,
+    } = plan_run(cfg, &model, &slots, images.len())?;
+    let bits = Bits::new(header.bits)?;
+    let [rw, rh] = header.resolution;
+    let spec = InputSpec {
+        width: rw,
+        height: rh,
+        ..model.manifest.input.clone()
+    };
+    let source = BatchSource {
+        images: &images,
+        spec,
+        augment: if header.augment {
+            Augment::default()
+        } else {
+            Augment::none()
+        },
+        seed: header.seed,
+    };
+    let schedule = Schedule {
+        lr: header.lr,
+        warmup_steps: header.warmup_steps,
+        total_steps: header.total_steps,
+        final_fraction: 0.02,
+    };
+    let device = cfg.device.device()?;
+    let ad_device = device.clone().autodiff();
+    let teacher = constant_weights(&model.graph, &slots, &device)?;
+    let num_classes = model.manifest.labels.len();
+    let batch = header.batch;
+    let in_shape = [batch, 3, rh as usize, rw as usize];
+    let per_channel = header.per_channel;
+
+    let mut act = ActivationQuant {
+        ranges: header.activation_ranges.clone(),
+        ..ActivationQuant::default()
+    };
+    if header.fake_quant_activations && act.ranges.is_empty() {
+        // Initial grids from the PTQ student (quantized weights change activation ranges), averaged
+        // over a few batches of a separate stream so the training order is unaffected.
+        let (fw, _) = student_weights(
+            &slots,
+            &values,
+            quantizer.as_ref(),
+            bits,
+            per_channel,
+            &device,
+            false,
+        )?;
+        let mut sums: BTreeMap<String, ([f32; 2], f32)> = BTreeMap::new();
+        for b in 0..CALIBRATION_BATCHES {
+            let x = source.batch(PURPOSE_CALIBRATION, b * batch as u64, batch)?;
+            let mut observe = ActivationQuant {
+                observe: true,
+                ..ActivationQuant::default()
+            };
+            train_graph.forward(tensor_from(x, in_shape, &device), &fw, &mut observe)?;
+            for (k, [lo, hi]) in observe.observed {
+                let e = sums.entry(k).or_insert(([0.0, 0.0], 0.0));
+                e.0[0] += lo;
+                e.0[1] += hi;
+                e.1 += 1.0;
+            }
+        }
+        act.ranges = sums
+            .into_iter()
+            .map(|(k, ([lo, hi], n))| (k, [lo / n, hi / n]))
+            .collect();
+    }
+    act.enabled = header.fake_quant_activations;
+    act.observe = header.fake_quant_activations;
+
+    let checkpoint_path = cfg.checkpoint_path();
+    let log_path = cfg.log_path();
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(cfg.resume.is_some())
+        .truncate(cfg.resume.is_none())
+        .open(&log_path)
+        .map_err(|e| Error::io(&log_path, e))?;
+
+    let start_step = header.step;
+    let end_step = match cfg.stop_after {
+        Some(n) => (start_step + n).min(header.total_steps),
+        None => header.total_steps,
+    };
+    let adam_cfg = AdamConfig::default();
+    let run_start = Instant::now();
+    let elapsed_before = header.elapsed_s;
+    let mut last_loss = None;
+    let save = |header: &CheckpointHeader, values: &[Vec<f32>], adam: &[AdamState]| {
+        Checkpoint {
+            header: header.clone(),
+            values: values.to_vec(),
+            adam: adam.to_vec(),
+        }
+        .write(&checkpoint_path)
+    };
+    for step in start_step..end_step {
+        let t0 = Instant::now();
+        let x = source.batch(0, step * batch as u64, batch)?;
+        let mut teacher_act = ActivationQuant::default();
+        let t_out = train_graph.forward(
+            tensor_from(x.clone(), in_shape, &device),
+            &teacher,
+            &mut teacher_act,
+        )?;
+        let t_out: Vec<Tensor<4>> = t_out.into_iter().map(|t| t.autodiff()).collect();
+        let (fw, leaves) = student_weights(
+            &slots,
+            &values,
+            quantizer.as_ref(),
+            bits,
+            per_channel,
+            &ad_device,
+            true,
+        )?;
+        let s_out = train_graph.forward(tensor_from(x, in_shape, &ad_device), &fw, &mut act)?;
+        let loss = distill_loss(&model.manifest.decoder, num_classes, &s_out, &t_out)?;
+        if !loss.parts.total.is_finite() {
+            return Err(Error::Inference(format!(
+                "the distillation loss is {} at step {}: lower --lr",
+                loss.parts.total,
+                step + 1
+            )));
+        }
+        let grads = loss.total.backward();
+        let lr = schedule.lr_at(step);
+        let grad_values: Vec<Option<Vec<f32>>> = leaves
+            .iter()
+            .map(|leaf| match leaf {
+                Some(LeafParam::W4(t)) => t.grad(&grads).map(to_host).transpose(),
+                Some(LeafParam::B1(t)) => t.grad(&grads).map(to_host).transpose(),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        for ((v, g), st) in values.iter_mut().zip(&grad_values).zip(adam.iter_mut()) {
+            if let Some(g) = g {
+                adam_step(&adam_cfg, lr, step + 1, v, g, st);
+            }
+        }
+        act.absorb_observed(RANGE_MOMENTUM);
+        let secs = t0.elapsed().as_secs_f64();
+        header.step = step + 1;
+        header.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
+        header.activation_ranges = act.ranges.clone();
+        header.initial_loss.get_or_insert(loss.parts.total);
+        header.recent_loss = Some(match header.recent_loss {
+            Some(r) if step > start_step => 0.9 * r + 0.1 * loss.parts.total,
+            _ => loss.parts.total,
+        });
+        last_loss = Some(loss.parts.total);
+        let report = StepReport {
+            step: step + 1,
+            total_steps: header.total_steps,
+            loss: loss.parts,
+            lr,
+            images_per_s: batch as f64 / secs.max(1e-9),
+            elapsed_s: header.elapsed_s,
+        };
+        let line = serde_json::to_string(&report)
+            .map_err(|e| Error::Model(format!("cannot encode a log line: {e}")))?;
+        writeln!(log, "{line}").map_err(|e| Error::io(&log_path, e))?;
+        on_step(&report);
+        let due = cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0;
+        if due || step + 1 == end_step {
+            save(&header, &values, &adam)?;
+        }
+    }
+    let wall_s = run_start.elapsed().as_secs_f64();
+    let steps_run = end_step.saturating_sub(start_step);
+    let mut summary = FinetuneSummary {
+        model: cfg.model.clone(),
+        bits: bits.get(),
+        method: cfg.method,
+        per_channel,
+        start_step,
+        end_step,
+        total_steps: header.total_steps,
+        batch,
+        resolution: header.resolution,
+        images_available: images.len(),
+        initial_loss: header.initial_loss,
+        final_loss: last_loss.or(header.recent_loss),
+        wall_s,
+        images_per_s: (steps_run as f64 * batch as f64) / wall_s.max(1e-9),
+        output: None,
+        checkpoint: checkpoint_path.clone(),
+        log: log_path,
+    };
+    if end_step == header.total_steps {
+        let file = export_lbw(
+            &model,
+            &slots,
+            &values,
+            quantizer.as_ref(),
+            bits,
+            &header,
+            &summary,
+        )?;
+        file.write(&cfg.output)?;
+        summary.output = Some(cfg.output.clone());
+    }
+    Ok(summary)
+}
+
+/// Quantizes the trained shadow weights and packages the result with the training summary.
+fn export_lbw(
+    model: &LoadedModel,
+    slots: &[ParamSlot],
+    values: &[Vec<f32>],
+    quantizer: &dyn Quantizer,
+    bits: Bits,
+    header: &CheckpointHeader,
+    summary: &FinetuneSummary,
+) -> Result<LbwFile> {
+    let mut trained = model.graph.clone();
+    let mut quantized: BTreeMap<String, QuantizedTensor> = BTreeMap::new();
+    for (s, v) in slots.iter().zip(values) {
+        if let Some(t) = trained.weights.get_mut(&s.name) {
+            t.data.clone_from(v);
+        }
+        if s.kind == (ParamKind::Weight { quantized: true }) {
+            let q = quantizer.quantize_tensor(v, &s.shape, bits, header.per_channel)?;
+            quantized.insert(s.name.clone(), q);
+        }
+    }
+    let graph = simulate_graph(&trained, &quantized)?;
+    let source_sha256 = model
+        .manifest
+        .files
+        .iter()
+        .find(|f| f.role == "weights" || f.role == "onnx")
+        .map(|f| f.sha256.clone())
+        .unwrap_or_default();
+    let training = serde_json::json!({
+        "kind": "distillation from the FP32 model (lbw finetune)",
+        "steps": header.total_steps,
+        "batch": header.batch,
+        "lr": header.lr,
+        "warmup_steps": header.warmup_steps,
+        "schedule": "linear warm-up, cosine decay to 2 %",
+        "optimizer": "adam",
+        "seed": header.seed,
+        "resolution": header.resolution,
+        "augment": header.augment,
+        "images": summary.images_available,
+        "activations": if header.fake_quant_activations {
+            "8-bit fake quantization (u8 affine per tensor, as the shift-add engine)"
+        } else {
+            "fp32"
+        },
+        "keep_full_precision": header.keep_full_precision,
+        "initial_loss": header.initial_loss,
+        "final_loss": header.recent_loss,
+        "train_seconds": header.elapsed_s,
+    });
+    Ok(LbwFile {
+        graph,
+        quantized,
+        activation_scales: BTreeMap::new(),
+        metadata: LbwMetadata {
+            source_model: model.manifest.id.clone(),
+            source_sha256,
+            method: header.method.clone(),
+            bits: Some(bits.get()),
+            param: header.param.map(f64::from),
+            per_channel: header.per_channel,
+            training,
+        },
+    })
+}
