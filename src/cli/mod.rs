@@ -5,6 +5,7 @@ mod detect;
 mod eval;
 mod finetune;
 mod models;
+mod quantize;
 
 use std::process::ExitCode;
 
@@ -33,6 +34,10 @@ enum Command {
     Models(models::ModelsArgs),
     /// Import a model and write its internal graph as an ONNX file.
     ExportOnnx(models::ExportArgs),
+    /// Post-training quantization of a model's convs to powers of two; writes a `.lbw` file.
+    Quantize(quantize::QuantizeArgs),
+    /// Quantize one float32 `.npy` tensor and write alpha * Q as `.npy`.
+    QuantizeTensor(quantize::QuantizeTensorArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -55,6 +60,8 @@ pub fn main() -> ExitCode {
         Command::Finetune(a) => finetune::run(a),
         Command::Models(a) => models::run_list(a),
         Command::ExportOnnx(a) => models::run_export(a),
+        Command::Quantize(a) => quantize::run(a),
+        Command::QuantizeTensor(a) => quantize::run_tensor(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

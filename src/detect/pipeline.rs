@@ -156,8 +156,23 @@ impl Detector {
     }
 }
 
-/// Builds a detector from a model reference: a built-in model id (FP32 through tract).
+/// Builds a detector from a model reference: a built-in model id (FP32 through tract), or the path
+/// of a `.lbw` file (its quantized weights simulated in FP32 through tract, until an integer engine
+/// is selected for it).
 pub fn load_detector(model_ref: &str) -> Result<Detector> {
+    let path = std::path::Path::new(model_ref);
+    if model_ref.ends_with(".lbw") || path.is_file() {
+        let file = crate::model::lbw_file::LbwFile::read(path)?;
+        let manifest = crate::model::manifest::find(&file.metadata.source_model).map_err(|e| {
+            Error::Model(format!("{}: made from an unknown model: {e}", path.display()))
+        })?;
+        let backend = crate::engine::tract_fp32::TractFp32::new(&file.graph)?;
+        let variant = match file.metadata.bits {
+            Some(b) => format!("lbw{b}-sim"),
+            None => "fp32".to_string(),
+        };
+        return Ok(Detector::new(manifest, variant, Box::new(backend)));
+    }
     let model = crate::model::load_builtin(model_ref)?;
     let backend = crate::engine::tract_fp32::TractFp32::new(&model.graph)?;
     Ok(Detector::new(model.manifest, "fp32", Box::new(backend)))
