@@ -25,6 +25,12 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
             "not an image in a supported format (JPEG, PNG, BMP, WebP, GIF)".into(),
         ));
     }
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_has_end_after_last_scan(bytes) {
+        return Err(Error::Input(
+            "corrupt or truncated image: the JPEG data ends before its last scan is complete"
+                .into(),
+        ));
+    }
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
@@ -41,6 +47,18 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<RgbImage> {
         return Err(Error::Input("image has no pixels".into()));
     }
     Ok(img.to_rgb8())
+}
+
+/// The JPEG decoder fills a cut-off scan with grey instead of failing, so a truncated upload would
+/// be "detected" as a half-grey photo. A complete file has an end-of-image marker after its last
+/// start-of-scan marker; inside entropy-coded data 0xFF is always followed by 0x00 or a restart
+/// marker, so neither marker can appear there by accident. Searching after the *last* scan skips an
+/// EXIF thumbnail's own end marker, and bytes after the end marker are tolerated.
+fn jpeg_has_end_after_last_scan(bytes: &[u8]) -> bool {
+    bytes
+        .windows(2)
+        .rposition(|w| w == [0xFF, 0xDA])
+        .is_some_and(|sos| bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9]))
 }
 
 /// Reads and decodes an image file.

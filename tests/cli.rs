@@ -1,0 +1,205 @@
+//! The `lbw` binary end to end: outputs on real data, and a message plus a non-zero exit for bad
+//! input (never a panic).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use lbw::paths::data_dir;
+
+fn lbw(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lbw"))
+        .args(args)
+        .output()
+        .expect("run lbw")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lbw-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn photo() -> String {
+    data_dir()
+        .join("voc2007-sample/JPEGImages/2007_000032.jpg")
+        .display()
+        .to_string()
+}
+
+fn assert_fails(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success: {err}");
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn detect_json_then_eval_the_saved_detections() {
+    let o = lbw(&[
+        "detect",
+        "--model",
+        "yolo-fastest-voc",
+        "--json",
+        "--score-threshold",
+        "0.005",
+        &photo(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = String::from_utf8(o.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["image"], "2007_000032");
+    assert_eq!(
+        (v["width"].as_u64(), v["height"].as_u64()),
+        (Some(500), Some(281))
+    );
+    let dets = v["detections"].as_array().unwrap();
+    assert!(
+        dets.iter()
+            .any(|d| d["label"] == "aeroplane" && d["score"].as_f64().unwrap() > 0.5)
+    );
+    assert!(dets.iter().all(|d| d["box"].as_array().unwrap().len() == 4));
+
+    let saved = tmp("dets.jsonl");
+    std::fs::write(&saved, &line).unwrap();
+    let voc = data_dir().join("voc2007-sample").display().to_string();
+    let o = lbw(&[
+        "eval",
+        "--detections",
+        saved.to_str().unwrap(),
+        "--data",
+        &voc,
+        "--format",
+        "voc",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // One image of 64 was detected, so AP is low but the aeroplane class has true positives.
+    let aeroplane = report["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["class"] == "aeroplane")
+        .unwrap();
+    assert!(
+        aeroplane["true_positives"].as_u64().unwrap() >= 1,
+        "{aeroplane}"
+    );
+}
+
+#[test]
+fn bad_input_is_a_message_and_a_non_zero_exit() {
+    assert_fails(
+        &lbw(&["detect", "--model", "no-such-model", &photo()]),
+        "unknown model",
+    );
+    let corrupt = tmp("corrupt.jpg");
+    let bytes = std::fs::read(photo()).unwrap();
+    std::fs::write(&corrupt, &bytes[..bytes.len() / 3]).unwrap();
+    assert_fails(&lbw(&["detect", corrupt.to_str().unwrap()]), "corrupt.jpg");
+    let text = tmp("not-an-image.jpg");
+    std::fs::write(&text, "hello").unwrap();
+    assert_fails(&lbw(&["detect", text.to_str().unwrap()]), "not an image");
+    assert_fails(&lbw(&["detect", "/no/such/file.jpg"]), "/no/such/file.jpg");
+    assert_fails(
+        &lbw(&["detect", "--score-threshold", "2", &photo()]),
+        "score threshold",
+    );
+    assert_fails(
+        &lbw(&[
+            "quantize",
+            "--model",
+            "yolo-fastest-voc",
+            "--bits",
+            "9",
+            "-o",
+            "/tmp/x.lbw",
+        ]),
+        "bit",
+    );
+    let hostile = tmp("hostile.lbw");
+    std::fs::write(&hostile, b"\x89LBW\r\n\x1a\n\xff\xff\xff\xff garbage").unwrap();
+    assert_fails(
+        &lbw(&["detect", "--model", hostile.to_str().unwrap(), &photo()]),
+        "hostile.lbw",
+    );
+    let o = lbw(&["detect", "--no-such-flag"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn quantize_writes_a_loadable_lbw_and_quantize_tensor_round_trips_npy() {
+    let out = tmp("yf4.lbw");
+    let o = lbw(&[
+        "quantize",
+        "--model",
+        "yolo-fastest-voc",
+        "--bits",
+        "4",
+        "--method",
+        "optimal",
+        "-o",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["layers"].as_array().unwrap().len(), 85);
+    let ratio = report["compression_ratio"].as_f64().unwrap();
+    assert!(
+        ratio > 6.0 && ratio < 8.0,
+        "4-bit codes should be close to 8x smaller than FP32: {ratio}"
+    );
+    let o = lbw(&[
+        "detect",
+        "--model",
+        out.to_str().unwrap(),
+        "--json",
+        &photo(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let input = tmp("w.npy");
+    let w: Vec<f32> = (0..64)
+        .map(|i| ((i * 37 % 29) as f32 - 14.0) / 10.0)
+        .collect();
+    lbw::quant::write_npy_file(&input, &[4, 16], &w).unwrap();
+    let output = tmp("q.npy");
+    let o = lbw(&[
+        "quantize-tensor",
+        "--bits",
+        "2",
+        "--method",
+        "ternary",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let alpha = r["alpha"].as_f64().unwrap() as f32;
+    let q = lbw::quant::read_npy_file(&output).unwrap();
+    assert_eq!(q.shape, vec![4, 16]);
+    // Ternary: every value is 0 or ±alpha, and the objective is the squared error actually made.
+    assert!(
+        q.data
+            .iter()
+            .all(|&v| v == 0.0 || (v.abs() - alpha).abs() < 1e-6)
+    );
+    let err: f64 = w
+        .iter()
+        .zip(&q.data)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    assert!(
+        (err - r["objective"].as_f64().unwrap()).abs() < 1e-4,
+        "{err} vs {}",
+        r["objective"]
+    );
+}
