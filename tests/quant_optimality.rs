@@ -265,8 +265,13 @@ fn per_channel_is_per_tensor_on_each_channel() {
         .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * (1 + i / 27) as f32)
         .collect();
     let bits = Bits::new(4).unwrap();
-    for m in [Method::Lbw, Method::Optimal] {
-        let q = m.quantizer(None).unwrap();
+    // LbwThreshold's *default* scale differs per grouping, so compare at a fixed one.
+    let quantizers: Vec<Box<dyn Quantizer>> = vec![
+        Box::new(LbwThreshold::with_scale(0.9).unwrap()),
+        Box::new(OptimalSweep),
+    ];
+    for q in quantizers {
+        let m = q.method();
         let pc = q.quantize_tensor(&w, &[4, 3, 3, 3], bits, true).unwrap();
         assert_eq!(pc.alphas.len(), 4);
         let mut sum = 0.0;
@@ -282,4 +287,12 @@ fn per_channel_is_per_tensor_on_each_channel() {
             assert!(pc.objective <= pt.objective);
         }
     }
+    // With no scale set, lbw picks the default for the grouping.
+    let lbw = LbwThreshold::default();
+    let pc = lbw.quantize_tensor(&w, &[4, 3, 3, 3], bits, true).unwrap();
+    let max0 = w[..27].iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert_eq!(pc.alphas[0], LbwThreshold::default_scale(bits, true) * max0);
+    let pt = lbw.quantize_tensor(&w, &[4, 3, 3, 3], bits, false).unwrap();
+    let max = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert_eq!(pt.alphas[0], LbwThreshold::default_scale(bits, false) * max);
 }

@@ -332,46 +332,58 @@ pub trait Quantizer: Sync {
         bits: Bits,
         per_channel: bool,
     ) -> Result<QuantizedTensor> {
-        if checked_product(shape) != Some(w.len()) {
-            return Err(Error::Input(format!(
-                "shape {shape:?} does not hold {} values",
-                w.len()
-            )));
-        }
-        check_finite(w)?;
-        let mut codes = vec![Code::ZERO; w.len()];
-        let groups = if per_channel {
-            match shape.first() {
-                Some(&c) if c > 0 => c,
-                _ => {
-                    return Err(Error::Input(format!(
-                        "per-channel quantization needs a non-empty first axis, shape is {shape:?}"
-                    )));
-                }
-            }
-        } else {
-            1
-        };
-        let g = w.len() / groups;
-        let mut alphas = Vec::with_capacity(groups);
-        let mut objective = 0.0;
-        if g == 0 {
-            alphas.resize(groups, 1.0);
-        } else {
-            for (wg, cg) in w.chunks(g).zip(codes.chunks_mut(g)) {
-                let s = self.quantize_into(wg, bits, cg)?;
-                alphas.push(s.alpha);
-                objective += s.objective;
-            }
-        }
-        Ok(QuantizedTensor {
-            bits,
-            shape: shape.to_vec(),
-            alphas,
-            codes,
-            objective,
-        })
+        quantize_groups(self, w, shape, bits, per_channel)
     }
+}
+
+/// The shared body of [`Quantizer::quantize_tensor`]: splits into groups, quantizes each with
+/// [`Quantizer::quantize_into`], and collects alphas and the objective.
+pub fn quantize_groups<Q: Quantizer + ?Sized>(
+    q: &Q,
+    w: &[f32],
+    shape: &[usize],
+    bits: Bits,
+    per_channel: bool,
+) -> Result<QuantizedTensor> {
+    if checked_product(shape) != Some(w.len()) {
+        return Err(Error::Input(format!(
+            "shape {shape:?} does not hold {} values",
+            w.len()
+        )));
+    }
+    check_finite(w)?;
+    let mut codes = vec![Code::ZERO; w.len()];
+    let groups = if per_channel {
+        match shape.first() {
+            Some(&c) if c > 0 => c,
+            _ => {
+                return Err(Error::Input(format!(
+                    "per-channel quantization needs a non-empty first axis, shape is {shape:?}"
+                )));
+            }
+        }
+    } else {
+        1
+    };
+    let g = w.len() / groups;
+    let mut alphas = Vec::with_capacity(groups);
+    let mut objective = 0.0;
+    if g == 0 {
+        alphas.resize(groups, 1.0);
+    } else {
+        for (wg, cg) in w.chunks(g).zip(codes.chunks_mut(g)) {
+            let s = q.quantize_into(wg, bits, cg)?;
+            alphas.push(s.alpha);
+            objective += s.objective;
+        }
+    }
+    Ok(QuantizedTensor {
+        bits,
+        shape: shape.to_vec(),
+        alphas,
+        codes,
+        objective,
+    })
 }
 
 /// Rejects NaN and infinite weights, naming the first one.
@@ -473,8 +485,8 @@ impl Method {
         }
     }
 
-    /// The quantizer for this method. `param` is [`LbwThreshold`]'s free parameter (its per-bit-width
-    /// default when `None`); the exact methods have none and refuse one.
+    /// The quantizer for this method. `param` is [`LbwThreshold`]'s free parameter (its default
+    /// for the bit-width and grouping when `None`); the exact methods have none and refuse one.
     pub fn quantizer(self, param: Option<f32>) -> Result<Box<dyn Quantizer>> {
         match (self, param) {
             (Method::Lbw, None) => Ok(Box::new(LbwThreshold::default())),

@@ -25,7 +25,7 @@ pub struct QuantizeOptions {
 }
 
 /// The shape class of a conv, which decides how an engine runs it and how it tolerates quantization.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LayerKind {
     /// 1x1 kernel (grouped or not).
