@@ -6,6 +6,7 @@ mod eval;
 mod finetune;
 mod models;
 mod quantize;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,8 @@ enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Quantize one float32 `.npy` tensor and write alpha * Q as `.npy`.
     QuantizeTensor(quantize::QuantizeTensorArgs),
+    /// Serve detectors over HTTP: POST /detect, GET /v1/models, /healthz, /readyz, /metrics.
+    Serve(serve::ServeArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -62,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::ExportOnnx(a) => models::run_export(a),
         Command::Quantize(a) => quantize::run(a),
         Command::QuantizeTensor(a) => quantize::run_tensor(a),
+        Command::Serve(a) => serve::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
