@@ -7,7 +7,9 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{
+    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
 use lbw::quant::{
     Bits, ExactTernary, LbwThreshold, OptimalSweep, Quantizer, sort_magnitudes_descending,
 };
@@ -37,8 +39,15 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(2));
     for &n in &sizes {
         let w = weights(n);
-        // Criterion needs at least 10 samples; large inputs get the minimum.
-        g.sample_size(if n >= 2_500_000 { 10 } else { 30 });
+        // Criterion needs at least 10 samples; large inputs get the minimum, and flat sampling (the
+        // same iteration count per sample) instead of linear (1, 2, ..., 10 iterations: 55 runs).
+        let large = n >= 2_500_000;
+        g.sample_size(if large { 10 } else { 30 });
+        g.sampling_mode(if large {
+            SamplingMode::Flat
+        } else {
+            SamplingMode::Auto
+        });
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::new("sort_abs", n), &w, |b, w| {
             b.iter(|| black_box(sort_magnitudes_descending(w)))

@@ -3,9 +3,8 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use super::{
-    Bits, Code, GroupScale, Method, Quantizer, check_finite, finish_with_best_alpha, pow2_neg,
-};
+use super::ternary::sorted_abs_keys;
+use super::{Bits, Code, GroupScale, Method, Quantizer, finish_with_best_alpha, pow2_neg};
 use crate::error::Result;
 
 /// The exact minimiser of `||W - alpha Q||^2` over `alpha > 0` and `Q` in the `b`-bit set, for any
@@ -40,27 +39,41 @@ impl Quantizer for OptimalSweep {
     }
 
     fn quantize_into(&self, w: &[f32], bits: Bits, codes: &mut [Code]) -> Result<GroupScale> {
-        check_finite(w)?;
         debug_assert_eq!(w.len(), codes.len());
         let n = bits.exponents();
         let streams = Streams::new(n);
-        match best_breakpoint(w, &streams) {
+        // Ascending |w| bit patterns; this also rejects NaN and infinities.
+        let keys = sorted_abs_keys(w)?;
+        let mags: Vec<f64> = keys
+            .iter()
+            .rev()
+            .take_while(|&&k| k != 0)
+            .map(|&k| f64::from(f32::from_bits(k)))
+            .collect();
+        drop(keys);
+        match best_breakpoint(&mags, &streams) {
             None => codes.fill(Code::ZERO),
             Some(key) => {
+                let mut top = u8::MAX;
+                for (c, &x) in codes.iter_mut().zip(w) {
+                    *c = match streams.exponent_at(f64::from(x.abs()), key) {
+                        None => Code::ZERO,
+                        Some(e) => {
+                            top = top.min(e);
+                            Code::new(x < 0.0, e)
+                        }
+                    };
+                }
                 // Several states can share the best A^2 / B: doubling every level and halving
                 // alpha changes nothing (one weight alone scores w^2 at every level). Shift the
                 // exponents so the largest level is 1, which keeps alpha near max |w| instead of
                 // up to 2^(n-1) times it, where it could overflow f32.
-                let top = w
-                    .iter()
-                    .filter_map(|&x| streams.exponent_at(f64::from(x.abs()), key))
-                    .min()
-                    .unwrap_or(0);
-                for (c, &x) in codes.iter_mut().zip(w) {
-                    *c = match streams.exponent_at(f64::from(x.abs()), key) {
-                        None => Code::ZERO,
-                        Some(e) => Code::new(x < 0.0, e - top),
-                    };
+                if top != u8::MAX && top > 0 {
+                    for c in codes.iter_mut() {
+                        if let Some(e) = c.exponent() {
+                            *c = Code::new(c.is_negative(), e - top);
+                        }
+                    }
                 }
             }
         }
@@ -141,19 +154,14 @@ impl CompensatedSum {
     }
 }
 
-/// Sweeps all breakpoints and returns the key (`3 alpha`) of the last event of the best state, or
-/// `None` when every weight is zero.
-fn best_breakpoint(w: &[f32], streams: &Streams) -> Option<f64> {
-    let mags: Vec<f64> = super::sort_magnitudes_descending(w)
-        .into_iter()
-        .take_while(|&m| m > 0.0)
-        .map(f64::from)
-        .collect();
+/// Sweeps all breakpoints of the non-zero magnitudes `mags` (largest first) and returns the key
+/// (`3 alpha`) of the last event of the best state, or `None` when there are none.
+fn best_breakpoint(mags: &[f64], streams: &Streams) -> Option<f64> {
     if mags.is_empty() {
         return None;
     }
     let mut sweep = Sweep {
-        mags: &mags,
+        mags,
         streams,
         pos: vec![0; streams.n],
         a: CompensatedSum::default(),

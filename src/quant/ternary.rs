@@ -1,6 +1,6 @@
 //! Exact ternary quantization (`b = 2`): `Q` in `{0, ±1}`.
 
-use super::{Bits, Code, GroupScale, Method, Quantizer, check_finite, finish_with_best_alpha};
+use super::{Bits, Code, GroupScale, Method, Quantizer, check_finite, stored_alpha};
 use crate::error::{Error, Result};
 
 /// The exact minimiser of `||W - alpha Q||^2` over `alpha > 0`, `Q` in `{0, ±1}^N`, in `O(N log N)`.
@@ -25,42 +25,68 @@ impl Quantizer for ExactTernary {
                 "exact ternary quantization is for 2 bits, not {bits} (use lbw or optimal)"
             )));
         }
-        check_finite(w)?;
         debug_assert_eq!(w.len(), codes.len());
-        let threshold = ternary_threshold(w);
-        for (c, &x) in codes.iter_mut().zip(w) {
-            *c = match threshold {
-                Some(t) if x.abs() >= t => Code::new(x < 0.0, 0),
-                _ => Code::ZERO,
-            };
-        }
-        finish_with_best_alpha(w, codes)
-    }
-}
-
-/// The smallest magnitude kept non-zero by the optimal ternary code, `None` if all weights are zero.
-fn ternary_threshold(w: &[f32]) -> Option<f32> {
-    let mags = sort_magnitudes_descending(w);
-    let nonzero = mags.iter().take_while(|&&m| m > 0.0).count();
-    let mut sum = 0.0f64;
-    let mut best: Option<(f64, usize)> = None;
-    for k in 1..=nonzero {
-        let m = mags[k - 1];
-        sum += f64::from(m);
-        let run_ends = k == nonzero || mags[k] != m;
-        if run_ends {
-            let gain = sum * sum / k as f64;
-            if best.is_none_or(|(g, _)| gain > g) {
-                best = Some((gain, k));
+        // Ascending |w| bit patterns; this pass also rejects NaN and infinities.
+        let keys = sorted_abs_keys(w)?;
+        let zeros = keys.partition_point(|&k| k == 0);
+        // Scan k = 1, 2, ... largest magnitudes, i.e. the keys from the top down.
+        let mut sum = 0.0f64;
+        let mut best: Option<(f64, usize, f64)> = None; // (gain, k, S_k)
+        let top = &keys[zeros..];
+        for (i, &key) in top.iter().enumerate().rev() {
+            sum += f64::from(f32::from_bits(key));
+            let k = top.len() - i;
+            // Only at the end of a run of equal magnitudes (see the type's docs).
+            if i == 0 || top[i - 1] != key {
+                let gain = sum * sum / k as f64;
+                if best.is_none_or(|(g, _, _)| gain > g) {
+                    best = Some((gain, k, sum));
+                }
             }
         }
+        let Some((_, k, sum)) = best else {
+            // All zero (or empty): alpha 1, zero codes, and W itself is 0.
+            codes.fill(Code::ZERO);
+            return Ok(GroupScale {
+                alpha: 1.0,
+                objective: 0.0,
+            });
+        };
+        let threshold = f32::from_bits(top[top.len() - k]);
+        let alpha = stored_alpha(sum / k as f64)?;
+        // Codes and objective in one pass.
+        let a = f64::from(alpha);
+        let mut objective = 0.0f64;
+        for (c, &x) in codes.iter_mut().zip(w) {
+            let xd = f64::from(x);
+            if x.abs() >= threshold {
+                *c = Code::new(x < 0.0, 0);
+                let d = xd.abs() - a;
+                objective += d * d;
+            } else {
+                *c = Code::ZERO;
+                objective += xd * xd;
+            }
+        }
+        Ok(GroupScale { alpha, objective })
     }
-    best.map(|(_, k)| mags[k - 1])
 }
 
-/// `|w|` sorted largest first. Non-negative finite floats order like their bit patterns, so the sort
-/// runs on `u32` keys, which is markedly faster than a float comparator. This is also the baseline
-/// the benches compare [`ExactTernary`] against.
+/// `|w|` as `u32` bit patterns, ascending. Non-negative finite floats order like their bit
+/// patterns, so the sort runs on integers, which is markedly faster than a float comparator.
+/// Patterns at or above that of infinity are NaN or infinite weights: an error.
+pub(super) fn sorted_abs_keys(w: &[f32]) -> Result<Vec<u32>> {
+    const INF: u32 = 0x7f80_0000;
+    let mut keys: Vec<u32> = w.iter().map(|x| x.to_bits() & 0x7fff_ffff).collect();
+    if keys.iter().any(|&k| k >= INF) {
+        check_finite(w)?;
+    }
+    keys.sort_unstable();
+    Ok(keys)
+}
+
+/// `|w|` sorted largest first: the baseline the benches compare [`ExactTernary`] against (the sort
+/// it is built on, and nothing else).
 pub fn sort_magnitudes_descending(w: &[f32]) -> Vec<f32> {
     let mut keys: Vec<u32> = w.iter().map(|x| x.to_bits() & 0x7fff_ffff).collect();
     keys.sort_unstable_by(|a, b| b.cmp(a));
