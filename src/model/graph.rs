@@ -264,7 +264,11 @@ impl Graph {
                 let x = ins[0];
                 rank4(x)?;
                 let w = &self.weight(&c.weight).map_err(|e| e.to_string())?.shape;
-                if w.len() != 4 || c.groups == 0 || !x[1].is_multiple_of(c.groups) || !w[0].is_multiple_of(c.groups) {
+                if w.len() != 4
+                    || c.groups == 0
+                    || !x[1].is_multiple_of(c.groups)
+                    || !w[0].is_multiple_of(c.groups)
+                {
                     return Err(format!(
                         "weight {w:?} and groups {} do not fit input {x:?}",
                         c.groups
