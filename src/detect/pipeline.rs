@@ -164,7 +164,10 @@ pub fn load_detector(model_ref: &str) -> Result<Detector> {
     if model_ref.ends_with(".lbw") || path.is_file() {
         let file = crate::model::lbw_file::LbwFile::read(path)?;
         let manifest = crate::model::manifest::find(&file.metadata.source_model).map_err(|e| {
-            Error::Model(format!("{}: made from an unknown model: {e}", path.display()))
+            Error::Model(format!(
+                "{}: made from an unknown model: {e}",
+                path.display()
+            ))
         })?;
         let backend = crate::engine::tract_fp32::TractFp32::new(&file.graph)?;
         let variant = match file.metadata.bits {
