@@ -165,3 +165,56 @@ fn bad_inputs_are_clear_errors() {
     assert!(finetune(&cfg, &mut |_| {}).is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The training interpreter must compute what the inference engines compute, or the student
+/// would learn to imitate a teacher that is not the FP32 model.
+#[test]
+fn training_interpreter_matches_tract_on_the_fp32_model() {
+    use burn::tensor::Device;
+    use lbw::train::net::{ActivationQuant, ForwardWeights, TrainGraph, tensor_from, to_host};
+    let model = lbw::model::load_builtin("yolo-fastest-voc").unwrap();
+    let photo = lbw::paths::data_dir()
+        .join("voc2007-sample")
+        .join("JPEGImages");
+    let first = std::fs::read_dir(&photo)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let img = lbw::detect::image_io::load_rgb(&first).unwrap();
+    let (input, _) = lbw::detect::preprocess::preprocess(&img, &model.manifest.input);
+    use lbw::engine::Backend;
+    let want = TractFp32::new(&model.graph)
+        .unwrap()
+        .run(input.clone())
+        .unwrap();
+    let device = Device::flex();
+    let mut w = ForwardWeights::default();
+    for (name, t) in &model.graph.weights {
+        if t.shape.len() == 4 {
+            let s = [t.shape[0], t.shape[1], t.shape[2], t.shape[3]];
+            w.weights
+                .insert(name.clone(), tensor_from(t.data.clone(), s, &device));
+        } else {
+            w.biases.insert(
+                name.clone(),
+                tensor_from(t.data.clone(), [t.len()], &device),
+            );
+        }
+    }
+    let net = TrainGraph::new(&model.graph).unwrap();
+    let s = input.shape.clone();
+    let x = tensor_from(input.data, [s[0], s[1], s[2], s[3]], &device);
+    let got = net.forward(x, &w, &mut ActivationQuant::default()).unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, t) in got.into_iter().zip(want) {
+        let g = to_host(g).unwrap();
+        let max_diff = g
+            .iter()
+            .zip(&t.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(max_diff < 1e-2, "outputs differ by {max_diff}");
+    }
+}

@@ -366,3 +366,119 @@ fn conv(x: Tensor<4>, c: &Conv, w: &ForwardWeights) -> std::result::Result<Tenso
     );
     Ok(conv2d(x, weight, bias, options))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Node, Tensor as HostTensor};
+
+    /// One-conv graph: `y = conv(x)`, for checking gradients against finite differences.
+    fn conv_graph(cin: usize, cout: usize, k: usize, stride: usize, groups: usize) -> Graph {
+        let conv = Conv {
+            weight: "w".into(),
+            bias: Some("b".into()),
+            kernel: [k, k],
+            stride: [stride, stride],
+            pads: [k / 2; 4],
+            dilation: [1, 1],
+            groups,
+        };
+        let mut weights = BTreeMap::new();
+        let wn = cout * (cin / groups) * k * k;
+        weights.insert(
+            "w".to_string(),
+            HostTensor::new(
+                vec![cout, cin / groups, k, k],
+                (0..wn)
+                    .map(|i| ((i * 7 % 11) as f32 - 5.0) / 10.0)
+                    .collect(),
+            )
+            .unwrap(),
+        );
+        weights.insert(
+            "b".to_string(),
+            HostTensor::new(vec![cout], vec![0.1; cout]).unwrap(),
+        );
+        Graph {
+            name: "t".into(),
+            input: "x".into(),
+            input_shape: vec![1, cin, 6, 6],
+            outputs: vec!["y".into()],
+            nodes: vec![Node {
+                name: "c".into(),
+                op: Op::Conv(conv),
+                inputs: vec!["x".into()],
+                output: "y".into(),
+            }],
+            weights,
+        }
+    }
+
+    fn loss_and_grad(g: &Graph, w: &[f32], x: &[f32], with_grad: bool) -> (f32, Vec<f32>) {
+        let device = Device::flex().autodiff();
+        let ws = &g.weights["w"].shape;
+        let mut leaf = tensor_from(w.to_vec(), [ws[0], ws[1], ws[2], ws[3]], &device);
+        if with_grad {
+            leaf = leaf.require_grad();
+        }
+        let mut fw = ForwardWeights::default();
+        fw.weights.insert("w".into(), leaf.clone());
+        let b = &g.weights["b"];
+        fw.biases
+            .insert("b".into(), tensor_from(b.data.clone(), [b.len()], &device));
+        let s = &g.input_shape;
+        let input = tensor_from(x.to_vec(), [s[0], s[1], s[2], s[3]], &device);
+        let net = TrainGraph::new(g).unwrap();
+        let y = net
+            .forward(input, &fw, &mut ActivationQuant::default())
+            .unwrap();
+        let y = y.into_iter().next().unwrap();
+        // A non-trivial weighting so that every output position matters differently.
+        let n: usize = y.dims().iter().product();
+        let r = tensor_from(
+            (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) / 3.0).collect(),
+            y.dims(),
+            &device,
+        );
+        let loss = (y * r).sum();
+        let value = to_host(loss.clone().detach()).unwrap()[0];
+        if !with_grad {
+            return (value, vec![]);
+        }
+        let grads = loss.backward();
+        (value, to_host(leaf.grad(&grads).unwrap()).unwrap())
+    }
+
+    #[test]
+    fn conv_gradients_match_finite_differences() {
+        for (cin, cout, k, stride, groups) in [
+            (4, 4, 3, 1, 4),
+            (4, 4, 3, 2, 4),
+            (4, 6, 1, 1, 1),
+            (4, 4, 3, 1, 2),
+            (3, 5, 3, 2, 1),
+        ] {
+            let g = conv_graph(cin, cout, k, stride, groups);
+            let w = g.weights["w"].data.clone();
+            let x: Vec<f32> = (0..cin * 36)
+                .map(|i| ((i * 5 % 9) as f32 - 4.0) / 4.0)
+                .collect();
+            let (_, grad) = loss_and_grad(&g, &w, &x, true);
+            for i in (0..w.len()).step_by(3) {
+                let h = 1e-2;
+                let mut wp = w.clone();
+                wp[i] += h;
+                let mut wm = w.clone();
+                wm[i] -= h;
+                let fd = (loss_and_grad(&g, &wp, &x, false).0
+                    - loss_and_grad(&g, &wm, &x, false).0)
+                    / (2.0 * h);
+                assert!(
+                    (fd - grad[i]).abs() < 2e-2 * (1.0 + fd.abs()),
+                    "{cin}->{cout} k{k} s{stride} g{groups} w[{i}]: fd {fd} vs {}",
+                    grad[i]
+                );
+            }
+        }
+    }
+}
