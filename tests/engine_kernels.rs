@@ -112,13 +112,22 @@ proptest! {
         }).unwrap();
         // Saturated activations half the time: the overflow bound's worst case.
         let extreme = rng.below(2) == 0;
-        let tile: Vec<i16> = (0..k * LANES)
-            .map(|_| if extreme { 255 * rng.below(2) as i16 } else { rng.below(256) as i16 })
+        let src: Vec<u8> = (0..(k + 1) * LANES)
+            .map(|_| if extreme { 255 * rng.below(2) as u8 } else { rng.below(256) as u8 })
             .collect();
+        let taps: Vec<u32> = (0..k as u32).map(|t| t * LANES as u32).collect();
+        let build = |kernel: &dyn ShiftAddKernel| {
+            let mut tile = vec![0i16; prog.tile_rows() * LANES];
+            kernel.build_tile(&src, &taps, 0, &mut tile);
+            tile
+        };
         let scalar = select_kernel(KernelChoice::Scalar).unwrap();
+        let tile = build(scalar.as_ref());
         let want = run_program(scalar.as_ref(), &prog, &tile, u8_out);
         for kernel in available_kernels() {
-            let got = run_program(kernel.as_ref(), &prog, &tile, u8_out);
+            let own_tile = build(kernel.as_ref());
+            prop_assert_eq!(&own_tile, &tile, "kernel {} builds another tile", kernel.name());
+            let got = run_program(kernel.as_ref(), &prog, &own_tile, u8_out);
             prop_assert_eq!(&got.0, &want.0, "kernel {}", kernel.name());
             let bits_eq = got.1.iter().zip(&want.1).all(|(a, b)| a.to_bits() == b.to_bits());
             prop_assert!(bits_eq, "kernel {} f32 outputs differ", kernel.name());

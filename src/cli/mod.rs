@@ -1,6 +1,8 @@
 //! The `lbw` command line: flag parsing and output formatting. Each command calls library code
 //! that returns errors; only [`main`] turns an error into a message and an exit code.
 
+mod bench;
+mod calibrate;
 mod detect;
 mod eval;
 mod finetune;
@@ -25,6 +27,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Latency (p50/p90/p99), throughput, weight bytes and peak memory of a model variant.
+    Bench(bench::BenchArgs),
+    /// Quantize a model's convs to powers of two and calibrate 8-bit activation grids on images.
+    Calibrate(calibrate::CalibrateArgs),
     /// Detect objects in images and print them (a table, or JSON lines with --json).
     Detect(detect::DetectArgs),
     /// Score detections (a model run or a saved file) on a VOC or COCO dataset: VOC AP and COCO AP.
@@ -58,6 +64,8 @@ pub fn main() -> ExitCode {
     };
     init_tracing();
     let result = match cli.command {
+        Command::Bench(a) => bench::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
         Command::Detect(a) => detect::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Finetune(a) => finetune::run(a),

@@ -160,6 +160,10 @@ impl Detector {
 /// of a `.lbw` file (its quantized weights simulated in FP32 through tract, until an integer engine
 /// is selected for it).
 pub fn load_detector(model_ref: &str) -> Result<Detector> {
+    // `ID@lbwB`: power-of-two weights (post-training) on the shift-add engine, calibrated in memory.
+    if let Some((id, variant)) = model_ref.split_once('@') {
+        return load_ptq_detector(id, variant);
+    }
     let path = std::path::Path::new(model_ref);
     if model_ref.ends_with(".lbw") || path.is_file() {
         let file = crate::model::lbw_file::LbwFile::read(path)?;
@@ -179,4 +183,73 @@ pub fn load_detector(model_ref: &str) -> Result<Detector> {
     let model = crate::model::load_builtin(model_ref)?;
     let backend = crate::engine::tract_fp32::TractFp32::new(&model.graph)?;
     Ok(Detector::new(model.manifest, "fp32", Box::new(backend)))
+}
+
+/// How many images `ID@lbwB` references calibrate on.
+pub const PTQ_CALIBRATION_IMAGES: usize = 8;
+
+/// `ID@lbwB`: quantizes a built-in model's convs to `B`-bit powers of two, calibrates activations on
+/// [`PTQ_CALIBRATION_IMAGES`] shared sample images, and runs it on the shift-add engine (kernel
+/// from `LBW_KERNEL`, all cores).
+pub fn load_ptq_detector(id: &str, variant: &str) -> Result<Detector> {
+    use crate::engine::ptq;
+    let bits = ptq::parse_lbw_variant(variant).ok_or_else(|| {
+        Error::Input(format!(
+            "unknown variant {variant:?}: expected lbw2 .. lbw8"
+        ))
+    })?;
+    let model = crate::model::load_builtin(id)?;
+    let dir = default_calibration_dir(&model.manifest);
+    let images = calibration_inputs(&model.manifest, &dir, PTQ_CALIBRATION_IMAGES)?;
+    let built = ptq::build_ptq_engine(
+        &model.graph,
+        &ptq::default_quantize_options(bits),
+        &images,
+        crate::engine::quant_params::RangeObserver::MeanMinMax,
+        &crate::engine::shift_add::EngineOptions::from_env()?,
+    )?;
+    Ok(Detector::new(
+        model.manifest,
+        variant,
+        Box::new(built.engine),
+    ))
+}
+
+/// Shared sample images in the model's domain: VOC photos for 20-class models, COCO otherwise.
+pub fn default_calibration_dir(manifest: &Manifest) -> std::path::PathBuf {
+    let data = crate::paths::data_dir();
+    if manifest.labels.len() == 20 {
+        data.join("voc2007-sample").join("JPEGImages")
+    } else {
+        data.join("coco128").join("images")
+    }
+}
+
+/// The preprocessed inputs of the first `limit` images (sorted by file name) in `dir`.
+pub fn calibration_inputs(
+    manifest: &Manifest,
+    dir: &std::path::Path,
+    limit: usize,
+) -> Result<Vec<crate::model::Tensor>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+        })
+        .collect();
+    files.sort();
+    files.truncate(limit);
+    if files.is_empty() {
+        return Err(Error::Input(format!(
+            "no .jpg or .png images in {}",
+            dir.display()
+        )));
+    }
+    files
+        .iter()
+        .map(|f| Ok(preprocess(&crate::detect::image_io::load_rgb(f)?, &manifest.input).0))
+        .collect()
 }

@@ -1,40 +1,36 @@
 //! Post-training quantization end to end, in memory: power-of-two weights, activation grids from
-//! real images, and the shift-add engine that runs them (what `lbw bench --variant lbwB` and
-//! `lbw calibrate` use).
+//! real images, and the shift-add engine that runs them (what `lbw bench --variant lbwB`,
+//! `lbw calibrate` and `ID@lbwB` model references use). Images are read and preprocessed by the
+//! caller ([`crate::detect::pipeline::calibration_inputs`]).
 
-use std::path::Path;
-
-use crate::detect::image_io::load_rgb;
-use crate::detect::preprocess::preprocess;
 use crate::engine::quant_params::{ActivationScales, RangeObserver, calibrate};
 use crate::engine::shift_add::{EngineOptions, ShiftAddEngine};
-use crate::error::{Error, Result};
-use crate::model::{Graph, Manifest, Tensor};
-use crate::quant::{QuantizeOptions, QuantizedModel, quantize_graph};
+use crate::error::Result;
+use crate::model::{Graph, Tensor};
+use crate::quant::{Bits, Method, QuantizeOptions, QuantizedModel, quantize_graph};
 
-/// The preprocessed inputs of the first `limit` images (sorted by file name) in `dir`.
-pub fn calibration_inputs(manifest: &Manifest, dir: &Path, limit: usize) -> Result<Vec<Tensor>> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
-        })
-        .collect();
-    files.sort();
-    files.truncate(limit);
-    if files.is_empty() {
-        return Err(Error::Input(format!(
-            "no .jpg or .png images in {}",
-            dir.display()
-        )));
+/// Parses a variant name `lbwB` (`lbw6`) into its bit-width.
+pub fn parse_lbw_variant(variant: &str) -> Option<Bits> {
+    variant
+        .strip_prefix("lbw")
+        .and_then(|b| b.parse::<u8>().ok())
+        .and_then(|b| Bits::new(b).ok())
+}
+
+/// The default post-training quantization of a variant: per-channel alphas, the LBW-Net rule
+/// (ternary at 2 bits, where it is exact), every conv quantized.
+pub fn default_quantize_options(bits: Bits) -> QuantizeOptions {
+    QuantizeOptions {
+        bits,
+        method: if bits.get() == 2 {
+            Method::Ternary
+        } else {
+            Method::Lbw
+        },
+        param: None,
+        per_channel: true,
+        keep_full_precision: vec![],
     }
-    files
-        .iter()
-        .map(|f| Ok(preprocess(&load_rgb(f)?, &manifest.input).0))
-        .collect()
 }
 
 /// A quantized model, its activation grids and the engine built from them.

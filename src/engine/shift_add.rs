@@ -97,6 +97,7 @@ enum Source {
 struct ConvStep {
     name: String,
     input: usize,
+    in_channels: usize,
     source: Source,
     prog: ConvProgram,
     in_zero_point: u8,
@@ -503,15 +504,7 @@ impl ShiftAddEngine {
         self.steps
             .iter()
             .filter_map(|s| match &s.kind {
-                StepKind::Conv(c) => Some(ConvStats {
-                    name: c.name.clone(),
-                    groups: c.prog.groups(),
-                    taps_per_group: c.prog.taps_per_group(),
-                    cout: c.prog.cout(),
-                    terms: c.prog.term_count(),
-                    segments: c.prog.segment_count(),
-                    positions: c.tiles * LANES,
-                }),
+                StepKind::Conv(c) => Some(c.stats()),
                 _ => None,
             })
             .collect()
@@ -570,14 +563,32 @@ impl ShiftAddEngine {
                         let yp = y + pads[0];
                         let (py, r) = (yp % sy, yp / sy);
                         let row = &input[(ic * h + y) * w..][..*w];
-                        if sx == 1 {
-                            let at = (ic * sy + py) * plane + r * wq + pads[1];
-                            buf[at..at + w].copy_from_slice(row);
-                        } else {
-                            for (x, &v) in row.iter().enumerate() {
-                                let xp = x + pads[1];
-                                let at = ((ic * sy + py) * sx + xp % sx) * plane + r * wq + xp / sx;
-                                buf[at] = v;
+                        // Phase px holds padded columns px, px + sx, ...: input columns
+                        // x = c * sx + px - pad_left.
+                        for px in 0..sx {
+                            let first_c = (pads[1] + sx - 1 - px) / sx;
+                            let x0 = first_c * sx + px - pads[1];
+                            if x0 >= *w {
+                                continue;
+                            }
+                            let n = (w - x0).div_ceil(sx);
+                            let at = ((ic * sy + py) * sx + px) * plane + r * wq + first_c;
+                            let dst = &mut buf[at..at + n];
+                            if sx == 1 {
+                                dst.copy_from_slice(&row[x0..x0 + n]);
+                            } else if sx == 2 {
+                                // Pairs keep the loop free of strided indexing, so it vectorises.
+                                let (pairs, rest) = row[x0..].as_chunks::<2>();
+                                for (d, p) in dst.iter_mut().zip(pairs) {
+                                    *d = p[0];
+                                }
+                                if pairs.len() < n {
+                                    dst[n - 1] = rest[0];
+                                }
+                            } else {
+                                for (d, &v) in dst.iter_mut().zip(row[x0..].iter().step_by(sx)) {
+                                    *d = v;
+                                }
                             }
                         }
                     }
@@ -644,6 +655,52 @@ impl ShiftAddEngine {
     }
 }
 
+/// One step of a profiled run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepTime {
+    /// The value the step stores.
+    pub value: String,
+    /// `conv-1x1`, `conv-depthwise`, `conv-kxk`, `table`, `codes`, `binary`, `concat`, `float`.
+    pub kind: &'static str,
+    pub conv: Option<ConvStats>,
+    pub seconds: f64,
+}
+
+impl StepKind {
+    fn label(&self) -> &'static str {
+        match self {
+            StepKind::Conv(c) => {
+                if c.prog.groups() > 1 && c.prog.groups() == c.prog.cout() {
+                    "conv-depthwise"
+                } else if c.prog.taps_per_group() * c.prog.groups() == c.in_channels {
+                    "conv-1x1"
+                } else {
+                    "conv-kxk"
+                }
+            }
+            StepKind::Table { .. } => "table",
+            StepKind::Codes { .. } => "codes",
+            StepKind::Binary { .. } => "binary",
+            StepKind::Concat { .. } => "concat",
+            StepKind::Float { .. } => "float",
+        }
+    }
+}
+
+impl ConvStep {
+    fn stats(&self) -> ConvStats {
+        ConvStats {
+            name: self.name.clone(),
+            groups: self.prog.groups(),
+            taps_per_group: self.prog.taps_per_group(),
+            cout: self.prog.cout(),
+            terms: self.prog.term_count(),
+            segments: self.prog.segment_count(),
+            positions: self.tiles * LANES,
+        }
+    }
+}
+
 /// Per-layer numbers for the benchmark report.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConvStats {
@@ -686,7 +743,8 @@ fn conv_block(
 ) {
     let prog = &c.prog;
     let cout_g = prog.cout_g;
-    let mut tile = vec![0i16; prog.taps_per_group() * LANES];
+    // Zeroed once: the last row is the padding row the schedule adds for nothing.
+    let mut tile = vec![0i16; prog.tile_rows() * LANES];
     let rows = (hi - lo).min(cout_g);
     let mut stage_u8 = vec![0u8; rows * LANES];
     let mut stage_f32 = vec![0f32; rows * LANES];
@@ -856,6 +914,7 @@ fn plan_conv(
     Ok(ConvStep {
         name: node.name.clone(),
         input: 0,
+        in_channels: c,
         source,
         prog,
         in_zero_point: in_params.zero_point,
@@ -882,6 +941,38 @@ fn unary_table(graph: &Graph, node: &Node, input: QParams, out: QParams) -> Resu
     Ok(t)
 }
 
+/// `out = po.quantize(op(pa.dequantize(a), pb.dequantize(b)))`, the FP32 simulation's arithmetic
+/// exactly, in a shape the compiler vectorises (branch-free, fixed-size chunks).
+fn binary_u8(a: &[u8], b: &[u8], pa: QParams, pb: QParams, po: QParams, mul: bool, out: &mut [u8]) {
+    const C: usize = 32;
+    let n = out.len();
+    let main = n - n % C;
+    let op = |u: f32, v: f32| if mul { u * v } else { u + v };
+    for ((o, a), b) in out[..main]
+        .chunks_exact_mut(C)
+        .zip(a[..main].chunks_exact(C))
+        .zip(b[..main].chunks_exact(C))
+    {
+        for i in 0..C {
+            o[i] = po.quantize(op(pa.dequantize(a[i]), pb.dequantize(b[i])));
+        }
+    }
+    for i in main..n {
+        out[i] = po.quantize(op(pa.dequantize(a[i]), pb.dequantize(b[i])));
+    }
+}
+
+/// `out = po.quantize(pi.dequantize(x))` through a 256-entry table.
+fn requantize_u8(x: &[u8], pi: QParams, po: QParams, out: &mut [u8]) {
+    let mut table = [0u8; 256];
+    for (q, t) in table.iter_mut().enumerate() {
+        *t = po.quantize(pi.dequantize(q as u8));
+    }
+    for (d, &q) in out.iter_mut().zip(x) {
+        *d = table[usize::from(q)];
+    }
+}
+
 fn dequantize(data: &[u8], shape: &[usize], p: QParams) -> Tensor {
     let n: usize = shape.iter().product();
     Tensor {
@@ -900,7 +991,7 @@ impl Backend for ShiftAddEngine {
     }
 
     fn run(&self, input: Tensor) -> Result<Vec<Tensor>> {
-        Ok(self.run_keeping(input, false)?.0)
+        Ok(self.run_keeping(input, false, None)?.0)
     }
 
     fn weight_bytes(&self) -> usize {
@@ -912,13 +1003,21 @@ impl ShiftAddEngine {
     /// Runs one input and also returns every stored value, dequantized, by name (for comparing
     /// the engine with its FP32 simulation layer by layer).
     pub fn run_recording(&self, input: Tensor) -> Result<(Vec<Tensor>, HashMap<String, Tensor>)> {
-        self.run_keeping(input, true)
+        self.run_keeping(input, true, None)
+    }
+
+    /// Runs one input and returns the time of every step (for the per-layer benchmark report).
+    pub fn run_profiled(&self, input: Tensor) -> Result<Vec<StepTime>> {
+        let mut times = Vec::with_capacity(self.steps.len());
+        self.run_keeping(input, false, Some(&mut times))?;
+        Ok(times)
     }
 
     fn run_keeping(
         &self,
         input: Tensor,
         keep: bool,
+        mut profile: Option<&mut Vec<StepTime>>,
     ) -> Result<(Vec<Tensor>, HashMap<String, Tensor>)> {
         if input.shape != self.graph.input_shape {
             return Err(Error::Inference(format!(
@@ -939,7 +1038,19 @@ impl ShiftAddEngine {
             shape: input.shape,
         });
         for (i, step) in self.steps.iter().enumerate() {
+            let t0 = std::time::Instant::now();
             let out = self.run_step(step, &values)?;
+            if let Some(p) = profile.as_deref_mut() {
+                p.push(StepTime {
+                    value: self.names[step.output].clone(),
+                    kind: step.kind.label(),
+                    conv: match &step.kind {
+                        StepKind::Conv(c) => Some(c.stats()),
+                        _ => None,
+                    },
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
+            }
             values[step.output] = Some(out);
             if keep {
                 continue;
@@ -1022,19 +1133,15 @@ impl ShiftAddEngine {
             StepKind::Binary { a, b, mul } => {
                 let (xa, pa) = self.u8_input(values, *a);
                 let (xb, pb) = self.u8_input(values, *b);
-                let f = |qa: u8, qb: u8| {
-                    let (u, v) = (pa.dequantize(qa), pb.dequantize(qb));
-                    if *mul { u * v } else { u + v }
-                };
+                let (xa, xb) = (&xa[..n_out], &xb[..n_out]);
                 match (&mut out, self.storage[out_slot]) {
                     (Value::U8 { data, .. }, Storage::U8(po)) => {
-                        for ((d, &qa), &qb) in data[..n_out].iter_mut().zip(xa).zip(xb) {
-                            *d = po.quantize(f(qa, qb));
-                        }
+                        binary_u8(xa, xb, pa, pb, po, *mul, &mut data[..n_out])
                     }
                     (Value::F32(t), _) => {
                         for ((d, &qa), &qb) in t.data.iter_mut().zip(xa).zip(xb) {
-                            *d = f(qa, qb);
+                            let (u, v) = (pa.dequantize(qa), pb.dequantize(qb));
+                            *d = if *mul { u * v } else { u + v };
                         }
                     }
                     _ => unreachable!(),
@@ -1058,9 +1165,7 @@ impl ShiftAddEngine {
                         if pi == po {
                             dst.copy_from_slice(src);
                         } else {
-                            for (d, &q) in dst.iter_mut().zip(src) {
-                                *d = po.quantize(pi.dequantize(q));
-                            }
+                            requantize_u8(src, pi, po, dst);
                         }
                         at += chunk;
                     }

@@ -7,7 +7,8 @@
 //! non-zero power-of-two weights. At run time, for a tile of [`LANES`] consecutive output positions:
 //!
 //! 1. [`ShiftAddKernel::build_tile`] widens the tile's `u8` activations of every tap to `i16`
-//!    (`tile[k][lane]`), once per group and tile, shared by all the group's output channels;
+//!    (`tile[k][lane]`) and stores their negations too (`tile[K + k][lane] = -x`; row `2K` stays
+//!    zero), once per group and tile, shared by all the group's output channels;
 //! 2. [`ShiftAddKernel::run_channels`] runs each output channel's schedule over the tile using only
 //!    16-bit adds, subtracts and left shifts, widens each segment once to 32 bits with one shift,
 //!    then requantizes (the one multiply per output value) into `u8` or `f32`.
@@ -17,7 +18,13 @@
 //! An output channel's weights are `alpha * s * 2^-e` (`s = ±1`). Terms are grouped by exponent
 //! and the groups taken in increasing `e` (decreasing magnitude). A *segment* accumulates groups in
 //! 16-bit lanes by Horner's rule: `acc = (acc << (e_next - e)) + (sum of + terms) - (sum of - terms)`,
-//! so at its end `acc = sum_i s_i q_i 2^(e_last - e_i)`. With `u8` activations `|acc| <= 255 *
+//! so at its end `acc = sum_i s_i q_i 2^(e_last - e_i)`.
+//!
+//! The schedule is branch-free: a group is stored as *chunks* of [`CHUNK`] tile rows (a negative
+//! weight names the negated row, padding names the zero row), each chunk "shift left by `shl16`,
+//! then add four rows", with `shl16` non-zero only on a group's first chunk. The kernels run one
+//! loop per segment over identical chunk bodies, so the only data-dependent branch is that loop's
+//! exit; separate loops per exponent and sign mispredicted at almost every exit (about 3x slower). With `u8` activations `|acc| <= 255 *
 //! sum_i 2^(e_last - e_i)`, and a segment grows only while that bound stays `<= 32767` (so one
 //! exponent group holds at most 128 terms per segment). The segment is then sign-extended to 32
 //! bits and shifted by `E - e_last` into the channel accumulator, whose unit is `2^-E`. `E` is the
@@ -69,21 +76,23 @@ pub enum OutputKind {
     F32,
 }
 
-/// One 16-bit Horner step: shift the segment accumulator left, then add and subtract terms.
+/// Tile rows added per chunk.
+pub const CHUNK: usize = 4;
+
+/// Shift the segment accumulator left by `shl16`, then add `CHUNK` tile rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Step {
+pub struct Chunk {
     pub shl16: u16,
-    pub n_pos: u16,
-    pub n_neg: u16,
+    /// Row indices into the tile: `k` (+x), `K + k` (-x) or `2K` (zeros).
+    pub rows: [u16; CHUNK],
 }
 
-/// A run of steps accumulated in 16 bits, then widened and shifted by `shift32` (right if negative)
-/// into the 32-bit channel accumulator.
+/// A run of chunks accumulated in 16 bits, then widened and shifted by `shift32` (right if
+/// negative) into the 32-bit channel accumulator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
-    pub first_step: u32,
-    pub n_steps: u32,
-    pub first_term: u32,
+    pub first_chunk: u32,
+    pub n_chunks: u32,
     pub shift32: i32,
 }
 
@@ -101,9 +110,9 @@ pub struct ConvProgram {
     /// `[cout + 1]` prefix offsets into `segs`.
     pub(in crate::engine) oc_segs: Vec<u32>,
     pub(in crate::engine) segs: Vec<Segment>,
-    pub(in crate::engine) steps: Vec<Step>,
-    /// Tap index (within the group) of each term, in schedule order.
-    pub(in crate::engine) terms: Vec<u16>,
+    pub(in crate::engine) chunks: Vec<Chunk>,
+    /// Non-zero weights (the rest of the chunk rows are padding).
+    pub(in crate::engine) n_terms: usize,
     pub(in crate::engine) mult: Vec<f32>,
     pub(in crate::engine) add: Vec<f32>,
     pub(in crate::engine) act: Activation,
@@ -118,7 +127,8 @@ impl fmt::Debug for ConvProgram {
             .field("groups", &self.groups)
             .field("cout_g", &self.cout_g)
             .field("k", &self.k)
-            .field("terms", &self.terms.len())
+            .field("terms", &self.n_terms)
+            .field("chunks", &self.chunks.len())
             .field("segments", &self.segs.len())
             .field("act", &self.act)
             .field("out", &self.out)
@@ -153,7 +163,7 @@ impl ConvProgram {
             ));
         }
         let k = spec.taps.len() / groups;
-        if k == 0 || k > usize::from(u16::MAX) || !spec.codes.len().is_multiple_of(k) {
+        if k == 0 || 2 * k + 1 > usize::from(u16::MAX) || !spec.codes.len().is_multiple_of(k) {
             return Err(Error::Model(format!(
                 "conv program: {} codes do not fit {k} taps per output channel",
                 spec.codes.len()
@@ -184,8 +194,8 @@ impl ConvProgram {
             taps: spec.taps.clone(),
             oc_segs: vec![0],
             segs: vec![],
-            steps: vec![],
-            terms: vec![],
+            chunks: vec![],
+            n_terms: 0,
             mult: vec![],
             add: vec![],
             act: spec.act,
@@ -245,6 +255,9 @@ impl ConvProgram {
             e_ref -= 1;
         }
         // Greedy segments over the exponent groups.
+        self.n_terms += terms.len();
+        let k = self.k as u16;
+        let zero_row = 2 * k;
         let mut i = 0;
         let mut seg_open = false;
         let mut bound: u64 = 0;
@@ -258,8 +271,7 @@ impl ConvProgram {
             let mut start = i;
             while start < group_end {
                 let shift = if seg_open { u32::from(e - last_e) } else { 0 };
-                // How many of this group's terms fit the open segment (all of them if it is new and
-                // the group is small).
+                // How many of this group's terms fit the open segment (up to 128 if it is new).
                 let scaled = if seg_open {
                     bound.checked_shl(shift).filter(|b| *b <= SEGMENT_BOUND)
                 } else {
@@ -274,23 +286,25 @@ impl ConvProgram {
                 let n = room.min(group_end - start);
                 if !seg_open {
                     self.segs.push(Segment {
-                        first_step: self.steps.len() as u32,
-                        n_steps: 0,
-                        first_term: self.terms.len() as u32,
+                        first_chunk: self.chunks.len() as u32,
+                        n_chunks: 0,
                         shift32: 0,
                     });
                     seg_open = true;
                 }
-                let chunk = &terms[start..start + n];
-                let n_neg = chunk.iter().filter(|t| t.1).count();
-                // Sorted by sign within the group, so positives come first.
-                self.terms.extend(chunk.iter().map(|t| t.2));
-                self.steps.push(Step {
-                    shl16: shift as u16,
-                    n_pos: (n - n_neg) as u16,
-                    n_neg: n_neg as u16,
-                });
-                self.segs.last_mut().expect("open segment").n_steps += 1;
+                let rows: Vec<u16> = terms[start..start + n]
+                    .iter()
+                    .map(|&(_, neg, tap)| if neg { k + tap } else { tap })
+                    .collect();
+                for (c, part) in rows.chunks(CHUNK).enumerate() {
+                    let mut r = [zero_row; CHUNK];
+                    r[..part.len()].copy_from_slice(part);
+                    self.chunks.push(Chunk {
+                        shl16: if c == 0 { shift as u16 } else { 0 },
+                        rows: r,
+                    });
+                }
+                self.segs.last_mut().expect("open segment").n_chunks += n.div_ceil(CHUNK) as u32;
                 bound = scaled.unwrap_or(0) + n as u64;
                 last_e = e;
                 start += n;
@@ -333,7 +347,17 @@ impl ConvProgram {
 
     /// Non-zero weight terms (adds or subtracts per output position).
     pub fn term_count(&self) -> usize {
-        self.terms.len()
+        self.n_terms
+    }
+
+    /// Rows added per output position, padding included (`CHUNK` per chunk).
+    pub fn row_adds(&self) -> usize {
+        self.chunks.len() * CHUNK
+    }
+
+    /// Rows of the tile the kernels build: `+x` and `-x` for each tap, then a zero row.
+    pub fn tile_rows(&self) -> usize {
+        2 * self.k + 1
     }
 
     /// 16-to-32-bit widenings per output position.
@@ -346,8 +370,7 @@ impl ConvProgram {
         self.taps.len() * 4
             + self.oc_segs.len() * 4
             + self.segs.len() * std::mem::size_of::<Segment>()
-            + self.steps.len() * std::mem::size_of::<Step>()
-            + self.terms.len() * 2
+            + self.chunks.len() * std::mem::size_of::<Chunk>()
             + self.mult.len() * 8
     }
 
@@ -372,8 +395,9 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
     /// Metrics label and bench column (`scalar`, `avx2`, `avx512bw`).
     fn name(&self) -> &'static str;
 
-    /// `tile[k][lane] = src[taps[k] + base + lane]` widened to i16, for every tap of a group.
-    /// Panics unless `src` holds every position read and `tile` has `taps.len() * LANES` lanes.
+    /// `tile[k][lane] = src[taps[k] + base + lane]` widened to i16 and `tile[K + k][lane]` its
+    /// negation, for the `K` taps of a group; row `2K` is left as it is (the caller zeroes it once).
+    /// Panics unless `src` holds every position read and `tile` has `(2K + 1) * LANES` lanes.
     fn build_tile(&self, src: &[u8], taps: &[u32], base: usize, tile: &mut [i16]);
 
     /// Runs output channels `first_oc .. first_oc + n` (all in one group) over `tile`, writing

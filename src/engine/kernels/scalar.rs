@@ -4,6 +4,8 @@
 //! nothing here depends on it). 16-bit arithmetic wraps like the SIMD instructions, although the
 //! schedule's bound means it never actually overflows.
 
+use crate::engine::quant_params::round_half_even_small;
+
 use super::{Activation, ConvProgram, LANES, OutputKind, ShiftAddKernel, TileOut};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -22,7 +24,7 @@ pub(crate) fn requant_f32(acc: i32, mult: f32, add: f32, act: Activation) -> f32
 
 #[inline]
 pub(crate) fn to_code(t: f32, zero_point: u8) -> u8 {
-    let r = t.clamp(-1024.0, 1024.0).round_ties_even() as i32;
+    let r = round_half_even_small(t.clamp(-1024.0, 1024.0)) as i32;
     (r + i32::from(zero_point)).clamp(0, 255) as u8
 }
 
@@ -32,25 +34,16 @@ pub(crate) fn channel_acc(prog: &ConvProgram, oc: usize, tile: &[i16]) -> [i32; 
     let segs = &prog.segs[prog.oc_segs[oc] as usize..prog.oc_segs[oc + 1] as usize];
     for seg in segs {
         let mut a16 = [0i16; LANES];
-        let mut t = seg.first_term as usize;
-        for step in &prog.steps[seg.first_step as usize..][..seg.n_steps as usize] {
+        for chunk in &prog.chunks[seg.first_chunk as usize..][..seg.n_chunks as usize] {
             for v in &mut a16 {
-                *v = v.wrapping_shl(u32::from(step.shl16));
+                *v = v.wrapping_shl(u32::from(chunk.shl16));
             }
-            for &k in &prog.terms[t..t + usize::from(step.n_pos)] {
-                let row = &tile[usize::from(k) * LANES..][..LANES];
+            for &r in &chunk.rows {
+                let row = &tile[usize::from(r) * LANES..][..LANES];
                 for (v, &x) in a16.iter_mut().zip(row) {
                     *v = v.wrapping_add(x);
                 }
             }
-            t += usize::from(step.n_pos);
-            for &k in &prog.terms[t..t + usize::from(step.n_neg)] {
-                let row = &tile[usize::from(k) * LANES..][..LANES];
-                for (v, &x) in a16.iter_mut().zip(row) {
-                    *v = v.wrapping_sub(x);
-                }
-            }
-            t += usize::from(step.n_neg);
         }
         for (a, &v) in acc.iter_mut().zip(&a16) {
             let w = i32::from(v);
@@ -72,10 +65,18 @@ unsafe impl ShiftAddKernel for ScalarKernel {
     }
 
     fn build_tile(&self, src: &[u8], taps: &[u32], base: usize, tile: &mut [i16]) {
-        for (row, &off) in tile.chunks_exact_mut(LANES).zip(taps) {
+        let k = taps.len();
+        assert!(tile.len() >= (2 * k + 1) * LANES, "tile too small");
+        let (pos, neg) = tile.split_at_mut(k * LANES);
+        for ((p, n), &off) in pos
+            .chunks_exact_mut(LANES)
+            .zip(neg.chunks_exact_mut(LANES))
+            .zip(taps)
+        {
             let s = &src[off as usize + base..][..LANES];
-            for (d, &x) in row.iter_mut().zip(s) {
-                *d = i16::from(x);
+            for ((dp, dn), &x) in p.iter_mut().zip(n.iter_mut()).zip(s) {
+                *dp = i16::from(x);
+                *dn = -i16::from(x);
             }
         }
     }
@@ -88,7 +89,7 @@ unsafe impl ShiftAddKernel for ScalarKernel {
         tile: &[i16],
         out: TileOut<'_>,
     ) {
-        assert!(tile.len() >= prog.k * LANES);
+        assert!(tile.len() >= prog.tile_rows() * LANES);
         match out {
             TileOut::U8(out) => {
                 let OutputKind::U8 { zero_point } = prog.out else {

@@ -1,8 +1,9 @@
 //! AVX2 and AVX-512BW shift-add kernels.
 //!
 //! Both vectorise over the [`LANES`] output positions of a tile in 16-bit lanes (AVX-512BW: two
-//! registers of 32, AVX2: four of 16), so one weight term is one load-and-add (or subtract) per
-//! register; the loops over a channel's terms are the branch-free schedule built at load. They
+//! registers of 32, AVX2: four of 16), so one weight term is one load-and-add per register (a
+//! negative weight adds the tile's negated row); the loop over a segment's chunks is the only
+//! data-dependent branch. They
 //! compute exactly what [`super::scalar`] specifies, including the f32 epilogue (multiply, then
 //! add, no FMA; conversion rounds half to even).
 
@@ -10,11 +11,14 @@ use std::arch::x86_64::*;
 
 use super::{Activation, ConvProgram, LANES, OutputKind, Segment, ShiftAddKernel, TileOut};
 
+/// Bytes between tile rows.
+const ROW_BYTES: usize = LANES * 2;
+
 /// Checks a program's channel range and the tile before the unchecked loads below.
 fn check_run(prog: &ConvProgram, first_oc: usize, n: usize, tile: &[i16], out_len: usize) {
     assert!(first_oc + n <= prog.cout(), "channel range out of bounds");
     assert!(n == 0 || first_oc / prog.cout_g == (first_oc + n - 1) / prog.cout_g);
-    assert!(tile.len() >= prog.k * LANES, "tile too small");
+    assert!(tile.len() >= prog.tile_rows() * LANES, "tile too small");
     assert!(out_len >= n * LANES, "output too small");
 }
 
@@ -25,7 +29,7 @@ fn check_tile(src: &[u8], taps: &[u32], base: usize, tile: &[i16]) {
         max + base + LANES <= src.len(),
         "tile reads past the source"
     );
-    assert!(tile.len() >= taps.len() * LANES, "tile too small");
+    assert!(tile.len() >= (2 * taps.len() + 1) * LANES, "tile too small");
 }
 
 fn channel_segments(prog: &ConvProgram, oc: usize) -> &[Segment] {
@@ -84,9 +88,11 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
 unsafe fn build_tile_avx512(src: &[u8], taps: &[u32], base: usize, tile: &mut [i16]) {
     let s = src.as_ptr();
     let d = tile.as_mut_ptr();
+    let n = taps.len();
+    let zero = _mm512_setzero_si512();
     for (k, &off) in taps.iter().enumerate() {
-        // SAFETY: caller checked `off + base + LANES <= src.len()` and `tile` holds `taps.len()`
-        // rows of LANES.
+        // SAFETY: caller checked `off + base + LANES <= src.len()` and that `tile` holds
+        // `2 * taps.len() + 1` rows of LANES.
         unsafe {
             let p = s.add(off as usize + base);
             let lo = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p.cast()));
@@ -94,6 +100,9 @@ unsafe fn build_tile_avx512(src: &[u8], taps: &[u32], base: usize, tile: &mut [i
             let q = d.add(k * LANES);
             _mm512_storeu_si512(q.cast(), lo);
             _mm512_storeu_si512(q.add(32).cast(), hi);
+            let r = d.add((n + k) * LANES);
+            _mm512_storeu_si512(r.cast(), _mm512_sub_epi16(zero, lo));
+            _mm512_storeu_si512(r.add(32).cast(), _mm512_sub_epi16(zero, hi));
         }
     }
 }
@@ -104,29 +113,17 @@ unsafe fn channel_acc_avx512(prog: &ConvProgram, oc: usize, tile: *const i16) ->
     let mut acc = [zero; 4];
     for seg in channel_segments(prog, oc) {
         let (mut a0, mut a1) = (zero, zero);
-        let mut t = seg.first_term as usize;
-        for step in &prog.steps[seg.first_step as usize..][..seg.n_steps as usize] {
-            let sh = _mm_cvtsi32_si128(i32::from(step.shl16));
+        let tb = tile.cast::<u8>();
+        for chunk in &prog.chunks[seg.first_chunk as usize..][..seg.n_chunks as usize] {
+            let sh = _mm_cvtsi32_si128(i32::from(chunk.shl16));
             a0 = _mm512_sll_epi16(a0, sh);
             a1 = _mm512_sll_epi16(a1, sh);
-            let pos = &prog.terms[t..t + usize::from(step.n_pos)];
-            t += pos.len();
-            let neg = &prog.terms[t..t + usize::from(step.n_neg)];
-            t += neg.len();
-            for &k in pos {
-                // SAFETY: k < prog.k (program invariant) and the tile holds k rows of LANES.
+            for &r in &chunk.rows {
+                // SAFETY: r < 2k + 1 (program invariant) and the tile holds 2k + 1 rows.
                 unsafe {
-                    let p = tile.add(usize::from(k) * LANES);
+                    let p = tb.add(usize::from(r) * ROW_BYTES);
                     a0 = _mm512_add_epi16(a0, _mm512_loadu_si512(p.cast()));
-                    a1 = _mm512_add_epi16(a1, _mm512_loadu_si512(p.add(32).cast()));
-                }
-            }
-            for &k in neg {
-                // SAFETY: as above.
-                unsafe {
-                    let p = tile.add(usize::from(k) * LANES);
-                    a0 = _mm512_sub_epi16(a0, _mm512_loadu_si512(p.cast()));
-                    a1 = _mm512_sub_epi16(a1, _mm512_loadu_si512(p.add(32).cast()));
+                    a1 = _mm512_add_epi16(a1, _mm512_loadu_si512(p.add(64).cast()));
                 }
             }
         }
@@ -266,13 +263,18 @@ unsafe impl ShiftAddKernel for Avx2Kernel {
 unsafe fn build_tile_avx2(src: &[u8], taps: &[u32], base: usize, tile: &mut [i16]) {
     let s = src.as_ptr();
     let d = tile.as_mut_ptr();
+    let n = taps.len();
+    let zero = _mm256_setzero_si256();
     for (k, &off) in taps.iter().enumerate() {
         for h in 0..4 {
-            // SAFETY: caller checked `off + base + LANES <= src.len()`; 16 * h + 16 <= LANES.
+            // SAFETY: caller checked `off + base + LANES <= src.len()` and that `tile` holds
+            // `2 * taps.len() + 1` rows of LANES; 16 * h + 16 <= LANES.
             unsafe {
                 let p = s.add(off as usize + base + 16 * h);
                 let v = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.cast()));
                 _mm256_storeu_si256(d.add(k * LANES + 16 * h).cast(), v);
+                let neg = _mm256_sub_epi16(zero, v);
+                _mm256_storeu_si256(d.add((n + k) * LANES + 16 * h).cast(), neg);
             }
         }
     }
@@ -284,34 +286,20 @@ unsafe fn channel_acc_avx2(prog: &ConvProgram, oc: usize, tile: *const i16) -> [
     let mut acc = [zero; 8];
     for seg in channel_segments(prog, oc) {
         let mut a = [zero; 4];
-        let mut t = seg.first_term as usize;
-        for step in &prog.steps[seg.first_step as usize..][..seg.n_steps as usize] {
-            let sh = _mm_cvtsi32_si128(i32::from(step.shl16));
+        let tb = tile.cast::<u8>();
+        for chunk in &prog.chunks[seg.first_chunk as usize..][..seg.n_chunks as usize] {
+            let sh = _mm_cvtsi32_si128(i32::from(chunk.shl16));
             for v in &mut a {
                 *v = _mm256_sll_epi16(*v, sh);
             }
-            let pos = &prog.terms[t..t + usize::from(step.n_pos)];
-            t += pos.len();
-            let neg = &prog.terms[t..t + usize::from(step.n_neg)];
-            t += neg.len();
-            for &k in pos {
-                // SAFETY: k < prog.k (program invariant) and the tile holds k rows of LANES.
+            for &r in &chunk.rows {
+                // SAFETY: r < 2k + 1 (program invariant) and the tile holds 2k + 1 rows.
                 unsafe {
-                    let p = tile.add(usize::from(k) * LANES);
+                    let p = tb.add(usize::from(r) * ROW_BYTES);
                     a[0] = _mm256_add_epi16(a[0], _mm256_loadu_si256(p.cast()));
-                    a[1] = _mm256_add_epi16(a[1], _mm256_loadu_si256(p.add(16).cast()));
-                    a[2] = _mm256_add_epi16(a[2], _mm256_loadu_si256(p.add(32).cast()));
-                    a[3] = _mm256_add_epi16(a[3], _mm256_loadu_si256(p.add(48).cast()));
-                }
-            }
-            for &k in neg {
-                // SAFETY: as above.
-                unsafe {
-                    let p = tile.add(usize::from(k) * LANES);
-                    a[0] = _mm256_sub_epi16(a[0], _mm256_loadu_si256(p.cast()));
-                    a[1] = _mm256_sub_epi16(a[1], _mm256_loadu_si256(p.add(16).cast()));
-                    a[2] = _mm256_sub_epi16(a[2], _mm256_loadu_si256(p.add(32).cast()));
-                    a[3] = _mm256_sub_epi16(a[3], _mm256_loadu_si256(p.add(48).cast()));
+                    a[1] = _mm256_add_epi16(a[1], _mm256_loadu_si256(p.add(32).cast()));
+                    a[2] = _mm256_add_epi16(a[2], _mm256_loadu_si256(p.add(64).cast()));
+                    a[3] = _mm256_add_epi16(a[3], _mm256_loadu_si256(p.add(96).cast()));
                 }
             }
         }
