@@ -54,19 +54,18 @@ impl Quantizer for ExactTernary {
         };
         let threshold = f32::from_bits(top[top.len() - k]);
         let alpha = stored_alpha(sum / k as f64)?;
-        // Codes and objective in one pass.
+        // Codes and objective in one pass, branch-free: which side of the threshold a weight falls
+        // on is a coin toss for the branch predictor. With s = 1 for a kept weight and 0 otherwise,
+        // (w - alpha q)^2 = (|w| - alpha s)^2.
         let a = f64::from(alpha);
+        let (plus, minus) = (Code::new(false, 0), Code::new(true, 0));
         let mut objective = 0.0f64;
         for (c, &x) in codes.iter_mut().zip(w) {
-            let xd = f64::from(x);
-            if x.abs() >= threshold {
-                *c = Code::new(x < 0.0, 0);
-                let d = xd.abs() - a;
-                objective += d * d;
-            } else {
-                *c = Code::ZERO;
-                objective += xd * xd;
-            }
+            let keep = x.abs() >= threshold;
+            let signed = if x < 0.0 { minus } else { plus };
+            *c = if keep { signed } else { Code::ZERO };
+            let d = f64::from(x.abs()) - a * f64::from(u8::from(keep));
+            objective += d * d;
         }
         Ok(GroupScale { alpha, objective })
     }
