@@ -1235,7 +1235,7 @@ fn a_full_inference_pool_answers_503_and_recovers() {
 fn startup_fails_clearly_for_bad_model_specs() {
     for (models, expected) in [
         (vec!["no-such-model"], "unknown model"),
-        (vec!["yolo-fastest-voc@lbw3"], "unknown variant"),
+        (vec!["yolo-fastest-voc@int8"], "unknown variant"),
         (vec!["yolo-fastest-voc@"], "ID@VARIANT"),
         (
             vec!["yolo-fastest-voc", "yolo-fastest-voc@fp32"],
@@ -1279,4 +1279,21 @@ fn model_specs_parse() {
         err.contains("unknown variant") && err.contains("fp32"),
         "{err}"
     );
+}
+
+#[test]
+fn lbw_variants_load_on_the_shift_add_engine_beside_fp32() {
+    let specs = vec![
+        "yolo-fastest-voc".to_string(),
+        "yolo-fastest-voc@lbw6".to_string(),
+    ];
+    assert_eq!(
+        serve::check_model_specs(&specs).unwrap(),
+        vec!["yolo-fastest-voc@fp32", "yolo-fastest-voc@lbw6"]
+    );
+    let lbw6 = serve::load_variant("yolo-fastest-voc@lbw6").unwrap();
+    assert_eq!(lbw6.variant, "lbw6");
+    assert_eq!(lbw6.backend().engine(), "shift-add");
+    assert!(serve::load_variant("yolo-fastest-voc@lbw9").is_err());
+    assert!(serve::load_variant("/no/such/model.lbw").is_err());
 }

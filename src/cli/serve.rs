@@ -9,8 +9,9 @@ use crate::serve::{DEFAULT_MAX_BODY_BYTES, ServeConfig, ServeOptions, default_in
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Model to serve, as ID or ID@VARIANT (variant: fp32). Repeat to serve several; the first
-    /// answers requests that name no model.
+    /// Model to serve: ID or ID@VARIANT (fp32: FP32 on tract; lbw2 .. lbw8: power-of-two weights
+    /// quantized at start-up, on the shift-add engine), or the path of a `.lbw` file. Repeat to
+    /// serve several side by side; the first answers requests that name no model.
     #[arg(
         long = "model",
         value_name = "ID[@VARIANT]",

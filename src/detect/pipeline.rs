@@ -162,7 +162,10 @@ impl Detector {
 pub fn load_detector(model_ref: &str) -> Result<Detector> {
     // `ID@lbwB`: power-of-two weights (post-training) on the shift-add engine, calibrated in memory.
     if let Some((id, variant)) = model_ref.split_once('@') {
-        return load_ptq_detector(id, variant);
+        if variant != "fp32" {
+            return load_ptq_detector(id, variant);
+        }
+        return load_detector(id);
     }
     let path = std::path::Path::new(model_ref);
     if model_ref.ends_with(".lbw") || path.is_file() {

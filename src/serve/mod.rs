@@ -57,8 +57,15 @@ pub use upload::IMAGE_FIELD;
 use crate::detect::{Detector, load_detector};
 use crate::error::{Error, Result};
 
-/// Variants a model spec may name; [`load_variant`] has one arm for each.
-pub const VARIANTS: [&str; 1] = ["fp32"];
+/// Variants a model spec may name: `fp32` (tract) and `lbw2` .. `lbw8` (power-of-two weights,
+/// post-training, on the shift-add engine). A spec may also be the path of a `.lbw` file.
+pub const VARIANTS: [&str; 8] = [
+    "fp32", "lbw2", "lbw3", "lbw4", "lbw5", "lbw6", "lbw7", "lbw8",
+];
+
+fn is_lbw_file(spec: &str) -> bool {
+    spec.ends_with(".lbw")
+}
 
 /// The variant served when a spec names none.
 pub const DEFAULT_VARIANT: &str = "fp32";
@@ -109,9 +116,13 @@ pub fn parse_model_spec(spec: &str) -> Result<(&str, &str)> {
 /// Loads one model variant from its spec (`id` or `id@variant`). Every variant the server can
 /// serve is built here, so a new one (a shift-add engine, a `.lbw` file) is one more arm.
 pub fn load_variant(spec: &str) -> Result<Detector> {
+    if is_lbw_file(spec) {
+        return load_detector(spec);
+    }
     let (id, variant) = parse_model_spec(spec)?;
     match variant {
         "fp32" => load_detector(id),
+        v if VARIANTS.contains(&v) => crate::detect::pipeline::load_ptq_detector(id, v),
         other => Err(unknown_variant(spec, other)),
     }
 }
@@ -131,6 +142,13 @@ pub fn check_model_specs(specs: &[String]) -> Result<Vec<String>> {
     }
     let mut keys: Vec<String> = Vec::with_capacity(specs.len());
     for spec in specs {
+        if is_lbw_file(spec) {
+            if keys.contains(spec) {
+                return Err(Error::Input(format!("model {spec} is given twice")));
+            }
+            keys.push(spec.clone());
+            continue;
+        }
         let (id, variant) = parse_model_spec(spec)?;
         if !VARIANTS.contains(&variant) {
             return Err(unknown_variant(spec, variant));
