@@ -189,7 +189,9 @@ impl Graph {
             let out = &shapes[&node.output];
             let w = &self.weight(&conv.weight)?.shape;
             let per_output: usize = w[1..].iter().product();
-            total += (out.iter().product::<usize>() * per_output) as u64;
+            total = total.saturating_add(
+                (out.iter().product::<usize>() as u64).saturating_mul(per_output as u64),
+            );
         }
         Ok(total)
     }
@@ -204,6 +206,7 @@ impl Graph {
                 self.input_shape
             )));
         }
+        checked_volume(&self.input_shape).map_err(Error::Model)?;
         shapes.insert(self.input.clone(), self.input_shape.clone());
         for node in &self.nodes {
             let ins: Vec<&Vec<usize>> = node
@@ -240,6 +243,15 @@ impl Graph {
     }
 
     pub(crate) fn node_output_shape(
+        &self,
+        node: &Node,
+        ins: &[&Vec<usize>],
+    ) -> std::result::Result<Vec<usize>, String> {
+        let out = self.node_output_shape_unchecked(node, ins)?;
+        checked_volume(&out)
+    }
+
+    fn node_output_shape_unchecked(
         &self,
         node: &Node,
         ins: &[&Vec<usize>],
@@ -339,7 +351,7 @@ impl Graph {
                             ins[0]
                         ));
                     }
-                    out[*axis] += s[*axis];
+                    out[*axis] = out[*axis].checked_add(s[*axis]).ok_or(OVERFLOW)?;
                 }
                 Ok(out)
             }
@@ -350,7 +362,9 @@ impl Graph {
                 if scale[0] == 0 || scale[1] == 0 {
                     return Err("zero resize scale".into());
                 }
-                Ok(vec![x[0], x[1], x[2] * scale[0], x[3] * scale[1]])
+                let h = x[2].checked_mul(scale[0]).ok_or(OVERFLOW)?;
+                let w = x[3].checked_mul(scale[1]).ok_or(OVERFLOW)?;
+                checked_volume(&[x[0], x[1], h, w])
             }
             Op::MaxPool(p) | Op::AvgPool { pool: p, .. } => {
                 arity(1)?;
@@ -364,12 +378,10 @@ impl Graph {
                 arity(1)?;
                 rank4(ins[0])?;
                 let x = ins[0];
-                Ok(vec![
-                    x[0],
-                    x[1],
-                    x[2] + pads[0] + pads[2],
-                    x[3] + pads[1] + pads[3],
-                ])
+                let grow = |d: usize, a: usize, b: usize| d.checked_add(a)?.checked_add(b);
+                let h = grow(x[2], pads[0], pads[2]).ok_or(OVERFLOW)?;
+                let w = grow(x[3], pads[1], pads[3]).ok_or(OVERFLOW)?;
+                Ok(vec![x[0], x[1], h, w])
             }
             Op::Reshape { shape } => {
                 arity(1)?;
@@ -462,6 +474,21 @@ impl Graph {
     }
 }
 
+/// Shapes come from files (`.lbw`, ONNX, darknet `.cfg`): arithmetic on them is checked, so a
+/// hostile file is an error rather than an overflow.
+const OVERFLOW: &str = "shape arithmetic overflows";
+
+/// Returns the shape if its element count fits in memory terms (`usize` and, as bytes of f32,
+/// `isize`).
+fn checked_volume(shape: &[usize]) -> std::result::Result<Vec<usize>, String> {
+    shape
+        .iter()
+        .try_fold(4usize, |a, &d| a.checked_mul(d))
+        .filter(|&bytes| bytes <= isize::MAX as usize)
+        .ok_or_else(|| OVERFLOW.to_string())?;
+    Ok(shape.to_vec())
+}
+
 /// Output length of a sliding window (conv or pool) along one axis.
 pub fn window_out(
     len: usize,
@@ -473,8 +500,11 @@ pub fn window_out(
     if kernel == 0 || stride == 0 || dilation == 0 {
         return Err("kernel, stride and dilation must be positive".into());
     }
-    let span = dilation * (kernel - 1) + 1;
-    let padded = len + pad_total;
+    let span = dilation
+        .checked_mul(kernel - 1)
+        .and_then(|s| s.checked_add(1))
+        .ok_or(OVERFLOW)?;
+    let padded = len.checked_add(pad_total).ok_or(OVERFLOW)?;
     if padded < span {
         return Err(format!("window {span} larger than padded input {padded}"));
     }
@@ -483,7 +513,7 @@ pub fn window_out(
 
 /// Resolves an ONNX reshape target (`0` copies, one `-1` inferred) against an input shape.
 pub fn reshape_target(input: &[usize], target: &[i64]) -> std::result::Result<Vec<usize>, String> {
-    let total: usize = input.iter().product();
+    let total = checked_volume(input)?.iter().product::<usize>();
     let mut out = Vec::with_capacity(target.len());
     let mut infer = None;
     for (i, &d) in target.iter().enumerate() {
@@ -501,7 +531,10 @@ pub fn reshape_target(input: &[usize], target: &[i64]) -> std::result::Result<Ve
             _ => return Err(format!("invalid reshape target {target:?}")),
         }
     }
-    let known: usize = out.iter().product();
+    let known = out
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or(OVERFLOW)?;
     if let Some(i) = infer {
         if known == 0 || !total.is_multiple_of(known) {
             return Err(format!("cannot reshape {input:?} to {target:?}"));
