@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::quant::{Bits, Method};
+use crate::quant::Bits;
 use crate::train::{DEFAULT_BATCH, DEFAULT_LR, FinetuneConfig, TrainDevice, finetune};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -19,18 +19,8 @@ pub struct FinetuneArgs {
     /// Model id (see `lbw models`): the FP32 teacher and the starting weights.
     #[arg(long)]
     pub model: String,
-    /// Weight bit-width, 2..=8 (the set {0, ±2^0 .. ±2^(1-2^(b-2))} times a scale).
-    #[arg(long)]
-    pub bits: u8,
-    /// Quantizer: lbw (LBW-Net's threshold rule), optimal (exact sweep) or ternary (2 bits only).
-    #[arg(long, default_value = "lbw")]
-    pub method: Method,
-    /// The lbw method's free parameter (its per-bit-width default when absent).
-    #[arg(long)]
-    pub param: Option<f32>,
-    /// One scale per output channel instead of one per tensor.
-    #[arg(long)]
-    pub per_channel: bool,
+    #[command(flatten)]
+    pub quantizer: crate::cli::quantize::QuantizerArgs,
     /// Keep this conv (node or weight name) at full precision; repeatable.
     #[arg(long = "keep")]
     pub keep: Vec<String>,
@@ -90,11 +80,11 @@ pub struct FinetuneArgs {
 }
 
 pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
-    let bits = Bits::new(args.bits)?;
+    let bits = Bits::new(args.quantizer.bits)?;
     let mut cfg = FinetuneConfig::new(&args.model, bits, args.images, args.output);
-    cfg.method = args.method;
-    cfg.param = args.param;
-    cfg.per_channel = args.per_channel;
+    cfg.method = args.quantizer.method;
+    cfg.param = args.quantizer.param;
+    cfg.per_channel = args.quantizer.per_channel;
     cfg.keep_full_precision = args.keep;
     cfg.steps = args.steps;
     cfg.epochs = args.epochs;

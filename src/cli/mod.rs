@@ -7,7 +7,7 @@ mod detect;
 mod eval;
 mod finetune;
 mod models;
-mod quantize;
+pub(crate) mod quantize;
 mod serve;
 
 use std::process::ExitCode;

@@ -8,23 +8,30 @@ use crate::quant::{
     Bits, Method, QuantizeOptions, quantize_graph, quantize_tensor, read_npy_file, write_npy_file,
 };
 
-#[derive(Debug, Args)]
-pub struct QuantizeArgs {
-    /// Model id (see `lbw models`).
-    #[arg(long)]
-    pub model: String,
+/// How conv weights are quantized: shared by `lbw quantize` and `lbw finetune`.
+#[derive(Debug, Clone, Args)]
+pub struct QuantizerArgs {
     /// Bit-width b (2..=8): weights become alpha * {0, ±2^(1-n) .. ±1}, n = 2^(b-2).
     #[arg(long)]
     pub bits: u8,
     /// ternary (b = 2, exact), lbw (LBW-Net's single-parameter rule) or optimal (exact optimum).
     #[arg(long, default_value = "lbw")]
     pub method: Method,
-    /// The free parameter of the lbw rule (default: the rule's default).
+    /// The free parameter of the lbw rule (default: the rule's per-bit-width default).
     #[arg(long)]
     pub param: Option<f32>,
     /// One alpha per output channel instead of one per layer.
     #[arg(long)]
     pub per_channel: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// Model id (see `lbw models`).
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub quantizer: QuantizerArgs,
     /// Convs to keep at full precision, by node or weight name (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub keep_fp: Vec<String>,
@@ -38,11 +45,12 @@ pub struct QuantizeArgs {
 
 pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
     let model = load_builtin(&args.model)?;
+    let q = &args.quantizer;
     let options = QuantizeOptions {
-        bits: Bits::new(args.bits)?,
-        method: args.method,
-        param: args.param,
-        per_channel: args.per_channel,
+        bits: Bits::new(q.bits)?,
+        method: q.method,
+        param: q.param,
+        per_channel: q.per_channel,
         keep_full_precision: args.keep_fp.clone(),
     };
     let quantized = quantize_graph(&model.graph, &options)?;
