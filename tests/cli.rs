@@ -162,6 +162,34 @@ fn quantize_writes_a_loadable_lbw_and_quantize_tensor_round_trips_npy() {
         &photo(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The same file on the shift-add engine: its own 4-bit weights, activations calibrated.
+    let file = out.to_str().unwrap();
+    let o = lbw(&[
+        "bench",
+        "--model",
+        file,
+        "--variant",
+        "lbw4",
+        "--iters",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bench: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(bench["engine"], "shift-add");
+    assert!(bench["p50_ms"].as_f64().unwrap() > 0.0);
+    assert_fails(
+        &lbw(&[
+            "bench",
+            "--model",
+            file,
+            "--variant",
+            "lbw6",
+            "--iters",
+            "1",
+        ]),
+        "4-bit",
+    );
 
     let input = tmp("w.npy");
     let w: Vec<f32> = (0..64)

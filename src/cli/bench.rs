@@ -20,7 +20,9 @@ use crate::quant::Method;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model id (see `lbw models`).
+    /// Model id (see `lbw models`), or a `.lbw` file: `--variant fp32` then runs its simulated
+    /// weights on tract, `--variant lbwB` (B = the file's bit-width) its own weights on the
+    /// shift-add engine.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// `fp32` (tract) or `lbwB`, B in 2..=8: B-bit power-of-two weights quantized in memory
@@ -92,8 +94,31 @@ pub struct LayerKindRow {
     pub fraction_of_limit: Option<f64>,
 }
 
+/// A `.lbw` file's quantized weights, when `--model` names one.
+type FileWeights = BTreeMap<String, crate::quant::QuantizedTensor>;
+
+/// The model to measure: a built-in id, or a `.lbw` file (its graph holds the FP32 simulation of
+/// its quantized weights, which is what `--variant fp32` then runs on tract).
+fn load_bench_model(
+    model: &str,
+) -> anyhow::Result<(crate::model::LoadedModel, Option<(u8, FileWeights)>)> {
+    if !model.ends_with(".lbw") {
+        return Ok((load_builtin(model)?, None));
+    }
+    let file = crate::model::lbw_file::LbwFile::read(std::path::Path::new(model))?;
+    let manifest = crate::model::manifest::find(&file.metadata.source_model)?;
+    let bits = file.metadata.bits.unwrap_or(0);
+    Ok((
+        crate::model::LoadedModel {
+            manifest,
+            graph: file.graph,
+        },
+        Some((bits, file.quantized)),
+    ))
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let model = load_builtin(&args.model)?;
+    let (model, file_weights) = load_bench_model(&args.model)?;
     let dir = args
         .images
         .clone()
@@ -127,16 +152,38 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             kernel,
             threads: args.threads,
         };
-        built = build_ptq_engine(
-            &model.graph,
-            &quant,
-            &images,
-            RangeObserver::MeanMinMax,
-            &options,
-        )?;
-        threads = built.engine.threads();
-        engine = Some(&built.engine);
-        backend = &built.engine;
+        built = match &file_weights {
+            // A `.lbw` file brings its own (possibly retrained) weights: only activations are
+            // calibrated here.
+            Some((file_bits, weights)) => {
+                if *file_bits != bits.get() {
+                    return Err(Error::Input(format!(
+                        "{} holds {file_bits}-bit weights, not {}",
+                        args.model, args.variant
+                    ))
+                    .into());
+                }
+                let scales = crate::engine::quant_params::calibrate(
+                    &model.graph,
+                    images.iter().cloned(),
+                    RangeObserver::MeanMinMax,
+                )?;
+                ShiftAddEngine::new(&model.graph, weights, &scales, &options)?
+            }
+            None => {
+                build_ptq_engine(
+                    &model.graph,
+                    &quant,
+                    &images,
+                    RangeObserver::MeanMinMax,
+                    &options,
+                )?
+                .engine
+            }
+        };
+        threads = built.threads();
+        engine = Some(&built);
+        backend = &built;
     }
     for _ in 0..args.warmup {
         backend.run(input.clone())?;
