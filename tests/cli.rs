@@ -231,3 +231,45 @@ fn quantize_writes_a_loadable_lbw_and_quantize_tensor_round_trips_npy() {
         r["objective"]
     );
 }
+
+#[test]
+fn a_calibrated_lbw_file_runs_on_the_shift_add_engine() {
+    let out = tmp("cal6.lbw");
+    let file = out.to_str().unwrap();
+    let o = lbw(&[
+        "calibrate",
+        "--model",
+        "yolo-fastest-voc",
+        "--bits",
+        "6",
+        "--limit",
+        "8",
+        "-o",
+        file,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lbw_file = lbw::model::lbw_file::LbwFile::read(&out).unwrap();
+    assert!(lbw_file.activation_scales.len() > 50);
+    assert_eq!(
+        lbw_file.activation_scales.keys().collect::<Vec<_>>(),
+        lbw_file.activation_zero_points.keys().collect::<Vec<_>>()
+    );
+    // The file's grids and weights are the in-memory PTQ variant's (same quantizer, same 8
+    // calibration images), so the engine must give byte-identical detections.
+    let args = |m: &str| {
+        [
+            "detect",
+            "--model",
+            m,
+            "--json",
+            "--score-threshold",
+            "0.01",
+            &photo(),
+        ]
+        .map(String::from)
+    };
+    let from_file = lbw(&args(file).each_ref().map(String::as_str));
+    let in_memory = lbw(&args("yolo-fastest-voc@lbw6").each_ref().map(String::as_str));
+    assert!(from_file.status.success(), "{}", stderr(&from_file));
+    assert_eq!(from_file.stdout, in_memory.stdout);
+}

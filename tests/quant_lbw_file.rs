@@ -405,6 +405,7 @@ fn metadata_defaults_and_fp32_only_files() {
         graph: synthetic_graph(),
         quantized: BTreeMap::new(),
         activation_scales: BTreeMap::new(),
+        activation_zero_points: BTreeMap::new(),
         metadata: LbwMetadata::default(),
     };
     let back = LbwFile::from_bytes(&f.to_bytes().unwrap()).unwrap();

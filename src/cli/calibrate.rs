@@ -8,7 +8,7 @@ use clap::Args;
 use crate::detect::pipeline::{calibration_inputs, default_calibration_dir};
 use crate::engine::kernels::KernelChoice;
 use crate::engine::ptq::build_ptq_engine;
-use crate::engine::quant_params::{ActivationScales, RangeObserver};
+use crate::engine::quant_params::RangeObserver;
 use crate::engine::shift_add::EngineOptions;
 use crate::model::lbw_file::LbwFile;
 use crate::model::load_builtin;
@@ -38,17 +38,9 @@ pub struct CalibrateArgs {
     /// per-image min and max (robust to one outlier image; the default), or the overall min/max.
     #[arg(long, value_enum, default_value = "mean-min-max")]
     pub observer: RangeObserver,
-    /// Output `.lbw` file. The grids' zero points go to `FILE.activations.json` beside it (the
-    /// `.lbw` format stores a scale per value only).
+    /// Output `.lbw` file: weights and every stored activation's grid (scale and zero point).
     #[arg(short, long)]
     pub output: PathBuf,
-}
-
-/// Path of the full activation grids written beside a `.lbw` file.
-pub fn activations_sidecar(lbw: &std::path::Path) -> PathBuf {
-    let mut s = lbw.as_os_str().to_owned();
-    s.push(".activations.json");
-    PathBuf::from(s)
 }
 
 pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
@@ -81,22 +73,19 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         .unwrap_or_default();
     let mut file = LbwFile::from_quantized(&built.quantized, &model.manifest.id, &weights)?;
     file.activation_scales = stored.iter().map(|(k, p)| (k.clone(), p.scale)).collect();
+    file.activation_zero_points = stored
+        .iter()
+        .map(|(k, p)| (k.clone(), p.zero_point))
+        .collect();
     file.write(&args.output)?;
-    let grids = ActivationScales {
-        scales: stored.into_iter().collect(),
-    };
-    let sidecar = activations_sidecar(&args.output);
-    std::fs::write(&sidecar, serde_json::to_vec_pretty(&grids)?)
-        .map_err(|e| crate::Error::io(&sidecar, e))?;
     eprintln!(
-        "calibrated {} activations of {} on {} images from {} ({:?}); wrote {} and {}",
-        grids.scales.len(),
+        "calibrated {} activations of {} on {} images from {} ({:?}); wrote {}",
+        stored.len(),
         args.model,
         images.len(),
         dir.display(),
         args.observer,
         args.output.display(),
-        sidecar.display()
     );
     Ok(())
 }

@@ -176,6 +176,31 @@ pub fn load_detector(model_ref: &str) -> Result<Detector> {
                 path.display()
             ))
         })?;
+        // A calibrated file (`lbw calibrate`) carries every activation grid: it runs on the
+        // shift-add engine. Otherwise (`lbw quantize`, `lbw finetune`) its weights are simulated
+        // in FP32 on tract.
+        if let (Some(b), false) = (file.metadata.bits, file.activation_scales.is_empty()) {
+            let scales = crate::engine::quant_params::ActivationScales {
+                scales: file
+                    .activation_scales
+                    .iter()
+                    .map(|(k, &scale)| {
+                        let zero_point = file.activation_zero_points.get(k).copied().unwrap_or(0);
+                        (
+                            k.clone(),
+                            crate::engine::quant_params::QParams { scale, zero_point },
+                        )
+                    })
+                    .collect(),
+            };
+            let engine = crate::engine::shift_add::ShiftAddEngine::new(
+                &file.graph,
+                &file.quantized,
+                &scales,
+                &crate::engine::shift_add::EngineOptions::from_env()?,
+            )?;
+            return Ok(Detector::new(manifest, format!("lbw{b}"), Box::new(engine)));
+        }
         let backend = crate::engine::tract_fp32::TractFp32::new(&file.graph)?;
         let variant = match file.metadata.bits {
             Some(b) => format!("lbw{b}-sim"),

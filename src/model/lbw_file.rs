@@ -60,6 +60,10 @@ pub struct LbwFile {
     pub quantized: BTreeMap<String, QuantizedTensor>,
     /// Per-tensor activation scales for the shift-add engine: graph value name -> scale.
     pub activation_scales: BTreeMap<String, f32>,
+    /// Zero points of the 8-bit activation grids (`x = scale * (q - zero_point)`), for the values
+    /// in `activation_scales` whose grid is not symmetric around 0. Files written before this
+    /// field existed read as an empty map.
+    pub activation_zero_points: BTreeMap<String, u8>,
     pub metadata: LbwMetadata,
 }
 
@@ -74,6 +78,7 @@ impl LbwFile {
             graph: model.simulated_graph()?,
             quantized: model.tensors.clone(),
             activation_scales: BTreeMap::new(),
+            activation_zero_points: BTreeMap::new(),
             metadata: LbwMetadata {
                 source_model: source_model.to_string(),
                 source_sha256: source_sha256.to_string(),
@@ -159,6 +164,7 @@ impl LbwFile {
                 .iter()
                 .map(|(k, &v)| (k.clone(), f64::from(v)))
                 .collect(),
+            activation_zero_points: self.activation_zero_points.clone(),
         };
         let mut json = serde_json::to_vec(&manifest)
             .map_err(|e| Error::Model(format!("cannot encode the .lbw manifest: {e}")))?;
@@ -246,6 +252,7 @@ impl LbwFile {
             graph,
             quantized,
             activation_scales,
+            activation_zero_points: manifest.activation_zero_points,
             metadata: manifest.metadata,
         };
         validate(&file).map_err(|e| match e {
@@ -409,6 +416,15 @@ fn validate(file: &LbwFile) -> Result<()> {
             )));
         }
     }
+    if let Some(value) = file
+        .activation_zero_points
+        .keys()
+        .find(|v| !file.activation_scales.contains_key(*v))
+    {
+        return Err(Error::Model(format!(
+            "activation zero point for {value:?}, which has no activation scale"
+        )));
+    }
     if let Some(p) = file.metadata.param
         && !p.is_finite()
     {
@@ -429,6 +445,8 @@ struct Manifest {
     tensors: Vec<TensorEntry>,
     quantized: Vec<QuantizedEntry>,
     activation_scales: BTreeMap<String, f64>,
+    #[serde(default)]
+    activation_zero_points: BTreeMap<String, u8>,
 }
 
 /// An FP32 tensor: `4 * product(shape)` little-endian bytes at `offset` in the blob.

@@ -855,6 +855,7 @@ fn export_lbw(
         graph,
         quantized,
         activation_scales: BTreeMap::new(),
+        activation_zero_points: BTreeMap::new(),
         metadata: LbwMetadata {
             source_model: model.manifest.id.clone(),
             source_sha256,
