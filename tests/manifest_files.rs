@@ -24,6 +24,17 @@ fn manifests_match_the_shared_files_and_bad_files_are_named() {
                 f.name
             );
         }
+        let weights = if m.format == Format::Darknet {
+            "weights"
+        } else {
+            "onnx"
+        };
+        assert_eq!(
+            m.weights_sha256(),
+            m.file(weights).unwrap().sha256,
+            "{}",
+            m.id
+        );
         let classes = if m.id.ends_with("-voc") { 20 } else { 80 };
         assert_eq!(m.labels.len(), classes, "{}", m.id);
     }

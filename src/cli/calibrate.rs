@@ -64,14 +64,11 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let built = build_ptq_engine(&model.graph, &quant, &images, args.observer, &options)?;
     // Only the values the engine stores need a grid.
     let stored = built.engine.activation_params();
-    let weights = model
-        .manifest
-        .files
-        .iter()
-        .find(|f| f.role != "cfg")
-        .map(|f| f.sha256.clone())
-        .unwrap_or_default();
-    let mut file = LbwFile::from_quantized(&built.quantized, &model.manifest.id, &weights)?;
+    let mut file = LbwFile::from_quantized(
+        &built.quantized,
+        &model.manifest.id,
+        model.manifest.weights_sha256(),
+    )?;
     file.activation_scales = stored.iter().map(|(k, p)| (k.clone(), p.scale)).collect();
     file.activation_zero_points = stored
         .iter()

@@ -54,14 +54,11 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
         keep_full_precision: args.keep_fp.clone(),
     };
     let quantized = quantize_graph(&model.graph, &options)?;
-    let weights = model
-        .manifest
-        .files
-        .iter()
-        .find(|f| f.role != "cfg")
-        .map(|f| f.sha256.clone())
-        .unwrap_or_default();
-    let file = LbwFile::from_quantized(&quantized, &model.manifest.id, &weights)?;
+    let file = LbwFile::from_quantized(
+        &quantized,
+        &model.manifest.id,
+        model.manifest.weights_sha256(),
+    )?;
     file.write(&args.output)?;
     let r = &quantized.report;
     if args.json {

@@ -165,6 +165,18 @@ impl Manifest {
             .ok_or_else(|| Error::Model(format!("manifest {} has no {role} file", self.id)))
     }
 
+    /// sha256 of the file holding the weights (darknet `.weights`, or the `.onnx`): the provenance
+    /// recorded in `.lbw` files made from this model.
+    pub fn weights_sha256(&self) -> &str {
+        let role = match self.format {
+            Format::Darknet => "weights",
+            Format::Onnx => "onnx",
+        };
+        self.file(role)
+            .map(|f| f.sha256.as_str())
+            .unwrap_or_default()
+    }
+
     /// Folder where this model's files are expected.
     pub fn dir(&self) -> PathBuf {
         crate::paths::model_dir().join(&self.id)

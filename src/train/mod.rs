@@ -822,13 +822,7 @@ fn export_lbw(
         }
     }
     let graph = simulate_graph(&trained, &quantized)?;
-    let source_sha256 = model
-        .manifest
-        .files
-        .iter()
-        .find(|f| f.role == "weights" || f.role == "onnx")
-        .map(|f| f.sha256.clone())
-        .unwrap_or_default();
+    let source_sha256 = model.manifest.weights_sha256().to_string();
     let training = serde_json::json!({
         "kind": "distillation from the FP32 model (lbw finetune)",
         "steps": header.total_steps,
