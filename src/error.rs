@@ -18,11 +18,12 @@ pub enum Error {
     /// The inference backend failed.
     #[error("inference failed: {0}")]
     Inference(String),
-    #[error("{path}: {source}")]
+    // The io error is part of the message and deliberately not a `source`: error chains
+    // (`{:#}` in `main`) would print it twice.
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -30,7 +31,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use lbw::detect::{DetectOptions, Detector};
+use lbw::detect::{DetectOptions, Detector, load_detector};
 use lbw::engine::tract_fp32::TractFp32;
 use lbw::model::lbw_file::LbwFile;
 use lbw::model::manifest;
@@ -134,6 +134,37 @@ fn finetune_reduces_loss_resumes_and_writes_a_loadable_lbw() {
     };
     let result = detector.detect_file(&photo, &opts).unwrap();
     assert!(result.width > 0);
+
+    // It carries the 8-bit grids it trained with, so it runs on the shift-add engine, and the
+    // engine computes what its FP32 fake-quant simulation computes.
+    assert!(!a.activation_scales.is_empty());
+    assert_eq!(a.activation_scales.len(), a.activation_zero_points.len());
+    let path = s2.output.as_ref().unwrap().to_str().unwrap().to_string();
+    let engine = load_detector(&path).unwrap();
+    assert_eq!(
+        (engine.variant.as_str(), engine.backend().engine()),
+        ("lbw6", "shift-add")
+    );
+    let sim = load_detector(&format!("{path}@sim")).unwrap();
+    assert_eq!(sim.backend().engine(), "reference-fake-quant");
+    let img = lbw::detect::image_io::load_rgb(&photo).unwrap();
+    let (input, _) = lbw::detect::preprocess::preprocess(&img, &engine.manifest.input);
+    let got = engine.backend().run(input.clone()).unwrap();
+    let want = sim.backend().run(input).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        let range = w.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let mean_diff = g
+            .data
+            .iter()
+            .zip(&w.data)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / g.data.len() as f32;
+        assert!(
+            mean_diff < 0.02 * range,
+            "engine vs simulation: mean |diff| {mean_diff} of range {range}"
+        );
+    }
 
     let _ = std::fs::remove_dir_all(&dir);
 }

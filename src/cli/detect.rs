@@ -31,7 +31,8 @@ impl ThresholdArgs {
 
 #[derive(Debug, Args)]
 pub struct DetectArgs {
-    /// Model id (see `lbw models`).
+    /// Model: an id (see `lbw models`), `ID@lbwB` (post-training B-bit on the shift-add engine),
+    /// a `.lbw` file, or `FILE.lbw@sim` (the FP32 fake-quant simulation of the file's engine).
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// Image files.

@@ -29,7 +29,9 @@ pub enum InterpolationArg {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Model id to run on the images. Leave out with --detections.
+    /// Model: an id (see `lbw models`), `ID@lbwB` (post-training B-bit on the shift-add engine),
+    /// a `.lbw` file, or `FILE.lbw@sim` (the FP32 fake-quant simulation of the file's engine). Leave out
+    /// with --detections.
     #[arg(long, required_unless_present = "detections")]
     pub model: Option<String>,
     /// A saved detections file (JSON lines as `lbw detect --json` prints) instead of a model run.

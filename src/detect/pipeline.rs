@@ -156,12 +156,16 @@ impl Detector {
     }
 }
 
-/// Builds a detector from a model reference: a built-in model id (FP32 through tract), or the path
-/// of a `.lbw` file (its quantized weights simulated in FP32 through tract, until an integer engine
-/// is selected for it).
+/// Builds a detector from a model reference: a built-in model id (FP32 through tract), `ID@lbwB`
+/// (post-training quantized, on the shift-add engine), the path of a `.lbw` file (on the shift-add
+/// engine when it carries activation grids, else its weights simulated in FP32 through tract), or
+/// `FILE.lbw@sim` (the FP32 fake-quant simulation of that engine).
 pub fn load_detector(model_ref: &str) -> Result<Detector> {
     // `ID@lbwB`: power-of-two weights (post-training) on the shift-add engine, calibrated in memory.
     if let Some((id, variant)) = model_ref.split_once('@') {
+        if variant == "sim" {
+            return load_lbw_simulation(id);
+        }
         if variant != "fp32" {
             return load_ptq_detector(id, variant);
         }
@@ -176,30 +180,14 @@ pub fn load_detector(model_ref: &str) -> Result<Detector> {
                 path.display()
             ))
         })?;
-        // A calibrated file (`lbw calibrate`) carries every activation grid: it runs on the
-        // shift-add engine. Otherwise (`lbw quantize`, `lbw finetune`) its weights are simulated
-        // in FP32 on tract.
-        if let (Some(b), false) = (file.metadata.bits, file.activation_scales.is_empty()) {
-            let scales = crate::engine::quant_params::ActivationScales {
-                scales: file
-                    .activation_scales
-                    .iter()
-                    .map(|(k, &scale)| {
-                        let zero_point = file.activation_zero_points.get(k).copied().unwrap_or(0);
-                        (
-                            k.clone(),
-                            crate::engine::quant_params::QParams { scale, zero_point },
-                        )
-                    })
-                    .collect(),
-            };
-            let engine = crate::engine::shift_add::ShiftAddEngine::new(
-                &file.graph,
-                &file.quantized,
-                &scales,
-                &crate::engine::shift_add::EngineOptions::from_env()?,
-            )?;
-            return Ok(Detector::new(manifest, format!("lbw{b}"), Box::new(engine)));
+        // A file with activation grids (`lbw calibrate`, `lbw finetune`) runs on the shift-add
+        // engine. Otherwise (`lbw quantize`) its weights are simulated in FP32 on tract.
+        if let Some((bits, engine)) = lbw_file_engine(&file)? {
+            return Ok(Detector::new(
+                manifest,
+                format!("lbw{bits}"),
+                Box::new(engine),
+            ));
         }
         let backend = crate::engine::tract_fp32::TractFp32::new(&file.graph)?;
         let variant = match file.metadata.bits {
@@ -211,6 +199,54 @@ pub fn load_detector(model_ref: &str) -> Result<Detector> {
     let model = crate::model::load_builtin(model_ref)?;
     let backend = crate::engine::tract_fp32::TractFp32::new(&model.graph)?;
     Ok(Detector::new(model.manifest, "fp32", Box::new(backend)))
+}
+
+/// `FILE.lbw@sim`: the FP32 simulation of what the shift-add engine computes for the file, its
+/// `alpha * Q` weights with every value the engine stores rounded to the file's 8-bit grid (the
+/// reference the engine's detections and mAP are checked against). A file without grids simulates
+/// its weights only.
+pub fn load_lbw_simulation(path: &str) -> Result<Detector> {
+    let file = crate::model::lbw_file::LbwFile::read(std::path::Path::new(path))?;
+    let Some((bits, engine)) = lbw_file_engine(&file)? else {
+        return load_detector(path);
+    };
+    let manifest = crate::model::manifest::find(&file.metadata.source_model)?;
+    let sim =
+        crate::engine::shift_add::fake_quant_simulation(&file.graph, &file.quantized, &engine)?;
+    Ok(Detector::new(
+        manifest,
+        format!("lbw{bits}-sim"),
+        Box::new(sim),
+    ))
+}
+
+/// The shift-add engine for a `.lbw` file that carries activation grids, with its bit-width.
+fn lbw_file_engine(
+    file: &crate::model::lbw_file::LbwFile,
+) -> Result<Option<(u8, crate::engine::shift_add::ShiftAddEngine)>> {
+    let (Some(bits), false) = (file.metadata.bits, file.activation_scales.is_empty()) else {
+        return Ok(None);
+    };
+    let scales = crate::engine::quant_params::ActivationScales {
+        scales: file
+            .activation_scales
+            .iter()
+            .map(|(k, &scale)| {
+                let zero_point = file.activation_zero_points.get(k).copied().unwrap_or(0);
+                (
+                    k.clone(),
+                    crate::engine::quant_params::QParams { scale, zero_point },
+                )
+            })
+            .collect(),
+    };
+    let engine = crate::engine::shift_add::ShiftAddEngine::new(
+        &file.graph,
+        &file.quantized,
+        &scales,
+        &crate::engine::shift_add::EngineOptions::from_env()?,
+    )?;
+    Ok(Some((bits, engine)))
 }
 
 /// How many images `ID@lbwB` references calibrate on.

@@ -31,6 +31,9 @@ use burn::tensor::{Device, Tensor};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::engine::kernels::KernelChoice;
+use crate::engine::quant_params::{ActivationScales, QParams};
+use crate::engine::shift_add::{EngineOptions, ShiftAddEngine};
 use crate::error::{Error, Result};
 use crate::model::lbw_file::{LbwFile, LbwMetadata};
 use crate::model::manifest::InputSpec;
@@ -845,11 +848,19 @@ fn export_lbw(
         "final_loss": header.recent_loss,
         "train_seconds": header.elapsed_s,
     });
+    let grids = if header.fake_quant_activations {
+        engine_grids(&trained, &quantized, &header.activation_ranges)?
+    } else {
+        BTreeMap::new()
+    };
     Ok(LbwFile {
         graph,
         quantized,
-        activation_scales: BTreeMap::new(),
-        activation_zero_points: BTreeMap::new(),
+        activation_scales: grids.iter().map(|(k, p)| (k.clone(), p.scale)).collect(),
+        activation_zero_points: grids
+            .iter()
+            .map(|(k, p)| (k.clone(), p.zero_point))
+            .collect(),
         metadata: LbwMetadata {
             source_model: model.manifest.id.clone(),
             source_sha256,
@@ -860,4 +871,33 @@ fn export_lbw(
             training,
         },
     })
+}
+
+/// The 8-bit grids the student trained with, in the form the shift-add engine loads: the file then
+/// runs on the engine exactly as it was trained (what is trained is what is served).
+///
+/// The engine is planned once here so that a value it stores but training never rounded is an
+/// error now, not a file that silently falls back to simulation; only the grids the engine keeps
+/// are written.
+fn engine_grids(
+    trained: &Graph,
+    quantized: &BTreeMap<String, QuantizedTensor>,
+    ranges: &BTreeMap<String, [f32; 2]>,
+) -> Result<BTreeMap<String, QParams>> {
+    let scales = ActivationScales {
+        scales: ranges
+            .iter()
+            .map(|(k, &[lo, hi])| (k.clone(), QParams::from_range(lo, hi)))
+            .collect(),
+    };
+    let options = EngineOptions {
+        kernel: KernelChoice::Scalar,
+        threads: 1,
+    };
+    let engine = ShiftAddEngine::new(trained, quantized, &scales, &options).map_err(|e| {
+        Error::Model(format!(
+            "the trained activation grids do not cover the shift-add engine's values: {e}"
+        ))
+    })?;
+    Ok(engine.activation_params().into_iter().collect())
 }
