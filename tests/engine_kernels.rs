@@ -1,13 +1,15 @@
 //! Shift-add kernels: every SIMD kernel bit-exact against the scalar specification on random
-//! programs and random convs (shapes, strides, paddings, dilations, groups), the dispatcher on every
-//! kernel this CPU supports, and the engine close to the FP32 simulation of the same conv.
+//! programs, random direct (depthwise) programs and random convs (shapes, strides, paddings,
+//! dilations, groups, saturated inputs), the direct schedule against the tile schedule of the same
+//! weights, the dispatcher on every kernel this CPU supports, and the engine close to the FP32
+//! simulation of the same conv.
 
 use std::collections::BTreeMap;
 
 use lbw::engine::Backend;
 use lbw::engine::kernels::{
-    Activation, ConvProgram, ConvSpec, KernelChoice, LANES, ShiftAddKernel, TileOut,
-    available_kernels, select_kernel,
+    Activation, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES, PlaneOut, ShiftAddKernel,
+    TileOut, available_kernels, select_kernel, store_flat,
 };
 use lbw::engine::quant_params::{ActivationScales, QParams};
 use lbw::engine::shift_add::{EngineOptions, ShiftAddEngine, fake_quant_simulation};
@@ -87,7 +89,8 @@ proptest! {
     fn kernels_match_scalar_on_random_programs(
         seed in any::<u64>(),
         k in 1usize..600,
-        cout in 1usize..6,
+        // One output channel per group makes a direct program (tested below).
+        cout in 2usize..7,
         bits in 2u8..=8,
         zero_pct in 0u32..90,
         act in 0u32..3,
@@ -131,6 +134,123 @@ proptest! {
             prop_assert_eq!(&got.0, &want.0, "kernel {}", kernel.name());
             let bits_eq = got.1.iter().zip(&want.1).all(|(a, b)| a.to_bits() == b.to_bits());
             prop_assert!(bits_eq, "kernel {} f32 outputs differ", kernel.name());
+        }
+    }
+
+    /// A direct program (one output channel) computes what the tile schedule of the same weights
+    /// computes, on every kernel: many terms (segment splits), wide exponent spreads (the i32 cap
+    /// and right shifts), saturated activations, all-zero channels, and flat geometries with
+    /// dropped pitch columns and a partial last block.
+    #[test]
+    fn direct_programs_match_the_tile_schedule_on_every_kernel(
+        seed in any::<u64>(),
+        k in 1usize..400,
+        bits in 2u8..=8,
+        zero_pct in 0u32..=100,
+        act in 0u32..3,
+        u8_out in any::<bool>(),
+        zp in any::<u8>(),
+        width in 1usize..40,
+        extra in 0usize..4,
+        rows in 1usize..8,
+    ) {
+        let mut rng = Lcg(seed);
+        let bits = Bits::new(bits).unwrap();
+        // Channel 0 of a two-channel program runs on tiles; the same codes alone run direct.
+        let codes = random_codes(&mut rng, 2 * k, bits, zero_pct);
+        let alphas = [0.01 + rng.unit()];
+        let bias = [rng.unit() - 0.5; 2];
+        let output = u8_out.then_some((0.05 + rng.unit(), rng.below(256) as u8));
+        let taps: Vec<u32> = (0..k).map(|_| rng.below(300)).collect();
+        let program = |cout: usize| {
+            ConvProgram::build(&ConvSpec {
+                groups: 1,
+                codes: &codes[..cout * k],
+                alphas: &alphas,
+                bias: Some(&bias[..cout]),
+                taps: taps.clone(),
+                input_scale: 0.02,
+                input_zero_point: zp,
+                act: act_of(act),
+                output,
+            })
+            .unwrap()
+        };
+        let (direct, tiled) = (program(1), program(2));
+        prop_assert!(direct.is_direct() && !tiled.is_direct());
+        let geom = FlatGeometry { positions: rows * (width + extra), pitch: width + extra, width };
+        let extreme = rng.below(2) == 0;
+        let max_tap = *taps.iter().max().unwrap() as usize;
+        let src: Vec<u8> = (0..max_tap + geom.positions.next_multiple_of(LANES))
+            .map(|_| if extreme { 255 * rng.below(2) as u8 } else { rng.below(256) as u8 })
+            .collect();
+        let plane = rows * width;
+        let scalar = select_kernel(KernelChoice::Scalar).unwrap();
+        let mut tile = vec![0i16; tiled.tile_rows() * LANES];
+        let (mut want_u8, mut want_f32) = (vec![0u8; plane], vec![0f32; plane]);
+        let (mut lanes_u8, mut lanes_f32) = ([0u8; LANES], [0f32; LANES]);
+        for base in (0..geom.positions).step_by(LANES) {
+            scalar.build_tile(&src, &taps, base, &mut tile);
+            if u8_out {
+                scalar.run_channels(&tiled, 0, 1, &tile, TileOut::U8(&mut lanes_u8));
+                store_flat(&lanes_u8, base, geom, &mut want_u8);
+            } else {
+                scalar.run_channels(&tiled, 0, 1, &tile, TileOut::F32(&mut lanes_f32));
+                store_flat(&lanes_f32, base, geom, &mut want_f32);
+            }
+        }
+        for kernel in available_kernels() {
+            // Stale contents must be overwritten everywhere.
+            let (mut got_u8, mut got_f32) = (vec![7u8; plane], vec![f32::NAN; plane]);
+            if u8_out {
+                kernel.run_direct(&direct, 0, &src, geom, PlaneOut::U8(&mut got_u8));
+                prop_assert_eq!(&got_u8, &want_u8, "kernel {}", kernel.name());
+            } else {
+                kernel.run_direct(&direct, 0, &src, geom, PlaneOut::F32(&mut got_f32));
+                let same = got_f32.iter().zip(&want_f32).all(|(a, b)| a.to_bits() == b.to_bits());
+                prop_assert!(same, "kernel {} f32 outputs differ", kernel.name());
+            }
+        }
+    }
+
+    /// Depthwise convs (direct programs) through the engine: kernel 3 or 5, stride 1 or 2,
+    /// dilation, asymmetric padding, inputs saturated at both ends of their grid, any share of
+    /// zero weights; every kernel gives the scalar kernel's bytes.
+    #[test]
+    fn engine_kernels_agree_on_random_depthwise_convs(
+        seed in any::<u64>(),
+        channels in 1usize..24,
+        kernel5 in any::<bool>(),
+        stride in 1usize..3,
+        dilation in 1usize..3,
+        pads in proptest::array::uniform4(0usize..3),
+        h in 3usize..24,
+        w in 3usize..24,
+        bits in 2u8..=8,
+        act in 0u32..3,
+        zero_pct in 0u32..=100,
+        saturate in any::<bool>(),
+    ) {
+        let mut rng = Lcg(seed);
+        let kernel = if kernel5 { 5 } else { 3 };
+        let span = dilation * (kernel - 1) + 1;
+        prop_assume!(h + pads[0] + pads[2] >= span && w + pads[1] + pads[3] >= span);
+        let mut case = RandomConv::new(
+            &mut rng, channels, 1, 1, kernel, stride, dilation, pads, h, w, bits, act,
+        );
+        case.reweight_conv1(&mut rng, Bits::new(bits).unwrap(), zero_pct);
+        if saturate {
+            for v in &mut case.input.data {
+                *v = if *v > 0.5 { 9.0 } else { -9.0 };
+            }
+        }
+        let want = case.run(KernelChoice::Scalar);
+        for k in available_kernels() {
+            let got = case.run(KernelChoice::parse(k.name()).unwrap());
+            for (a, b) in got.iter().zip(&want) {
+                let same = a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits());
+                prop_assert!(same, "kernel {} differs from scalar", k.name());
+            }
         }
     }
 
@@ -306,6 +426,13 @@ impl RandomConv {
             scales: ActivationScales { scales },
             input,
         }
+    }
+
+    /// New codes for conv1 with `zero_pct` percent zeros (its alphas stay).
+    fn reweight_conv1(&mut self, rng: &mut Lcg, bits: Bits, zero_pct: u32) {
+        let q = self.weights.get_mut("w1").unwrap();
+        q.codes = random_codes(rng, q.codes.len(), bits, zero_pct);
+        self.graph.weights.insert("w1".to_string(), q.to_tensor());
     }
 
     fn engine(&self, kernel: KernelChoice) -> ShiftAddEngine {

@@ -29,7 +29,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::engine::Backend;
 use crate::engine::kernels::{
-    self, Activation, ConvProgram, ConvSpec, KernelChoice, LANES, ShiftAddKernel, TileOut,
+    self, Activation, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES, PlaneOut,
+    ShiftAddKernel, TileOut, store_flat,
 };
 use crate::engine::quant_params::{ActivationScales, QParams};
 use crate::engine::reference::{ReferenceInterpreter, eval_node};
@@ -557,41 +558,16 @@ impl ShiftAddEngine {
                 let mut buf = self.take_buffer(*len);
                 buf.fill(c.in_zero_point);
                 let plane = hq * wq;
-                let [sy, sx] = *stride;
                 for ic in 0..*ch {
-                    for y in 0..*h {
-                        let yp = y + pads[0];
-                        let (py, r) = (yp % sy, yp / sy);
-                        let row = &input[(ic * h + y) * w..][..*w];
-                        // Phase px holds padded columns px, px + sx, ...: input columns
-                        // x = c * sx + px - pad_left.
-                        for px in 0..sx {
-                            let first_c = (pads[1] + sx - 1 - px) / sx;
-                            let x0 = first_c * sx + px - pads[1];
-                            if x0 >= *w {
-                                continue;
-                            }
-                            let n = (w - x0).div_ceil(sx);
-                            let at = ((ic * sy + py) * sx + px) * plane + r * wq + first_c;
-                            let dst = &mut buf[at..at + n];
-                            if sx == 1 {
-                                dst.copy_from_slice(&row[x0..x0 + n]);
-                            } else if sx == 2 {
-                                // Pairs keep the loop free of strided indexing, so it vectorises.
-                                let (pairs, rest) = row[x0..].as_chunks::<2>();
-                                for (d, p) in dst.iter_mut().zip(pairs) {
-                                    *d = p[0];
-                                }
-                                if pairs.len() < n {
-                                    dst[n - 1] = rest[0];
-                                }
-                            } else {
-                                for (d, &v) in dst.iter_mut().zip(row[x0..].iter().step_by(sx)) {
-                                    *d = v;
-                                }
-                            }
-                        }
-                    }
+                    split_phases(
+                        &input[ic * h * w..][..h * w],
+                        [*h, *w],
+                        *pads,
+                        *stride,
+                        *wq,
+                        &mut buf[ic * stride[0] * stride[1] * plane..]
+                            [..stride[0] * stride[1] * plane],
+                    );
                 }
                 &*src_buf.insert(buf)
             }
@@ -742,13 +718,31 @@ fn conv_block(
     mut out: OutSlice<'_>,
 ) {
     let prog = &c.prog;
+    let geom = FlatGeometry {
+        positions: c.oh * c.pitch,
+        pitch: c.pitch,
+        width: c.ow,
+    };
+    if prog.is_direct() {
+        for oc in lo..hi {
+            let at = (oc - lo) * plane;
+            match &mut out {
+                OutSlice::U8(o) => {
+                    kernel.run_direct(prog, oc, src, geom, PlaneOut::U8(&mut o[at..][..plane]))
+                }
+                OutSlice::F32(o) => {
+                    kernel.run_direct(prog, oc, src, geom, PlaneOut::F32(&mut o[at..][..plane]))
+                }
+            }
+        }
+        return;
+    }
     let cout_g = prog.cout_g;
     // Zeroed once: the last row is the padding row the schedule adds for nothing.
     let mut tile = vec![0i16; prog.tile_rows() * LANES];
     let rows = (hi - lo).min(cout_g);
     let mut stage_u8 = vec![0u8; rows * LANES];
     let mut stage_f32 = vec![0f32; rows * LANES];
-    let n_flat = c.oh * c.pitch;
     let (g_lo, g_hi) = (lo / cout_g, (hi - 1) / cout_g + 1);
     for g in g_lo..g_hi {
         let a = lo.max(g * cout_g);
@@ -762,28 +756,14 @@ fn conv_block(
                     kernel.run_channels(prog, a, b - a, &tile, TileOut::U8(&mut stage_u8));
                     for i in 0..b - a {
                         let dst = &mut o[(a + i - lo) * plane..][..plane];
-                        scatter(
-                            &stage_u8[i * LANES..][..LANES],
-                            dst,
-                            base,
-                            n_flat,
-                            c.pitch,
-                            c.ow,
-                        );
+                        store_flat(&stage_u8[i * LANES..][..LANES], base, geom, dst);
                     }
                 }
                 OutSlice::F32(o) => {
                     kernel.run_channels(prog, a, b - a, &tile, TileOut::F32(&mut stage_f32));
                     for i in 0..b - a {
                         let dst = &mut o[(a + i - lo) * plane..][..plane];
-                        scatter(
-                            &stage_f32[i * LANES..][..LANES],
-                            dst,
-                            base,
-                            n_flat,
-                            c.pitch,
-                            c.ow,
-                        );
+                        store_flat(&stage_f32[i * LANES..][..LANES], base, geom, dst);
                     }
                 }
             }
@@ -791,30 +771,68 @@ fn conv_block(
     }
 }
 
-/// Copies a tile's lanes (flat positions `base..`) to their `(oy, ox)` places, dropping the
-/// columns past `ow` and the positions past `n_flat`.
-fn scatter<T: Copy>(
-    lanes: &[T],
-    dst: &mut [T],
-    base: usize,
-    n_flat: usize,
-    pitch: usize,
-    ow: usize,
+/// Copies one `[h][w]` channel into its `sy * sx` phase planes (`[sy][sx][hq][wq]`, already filled
+/// with the zero point), shifted by the top and left padding: phase `(py, px)` holds padded rows
+/// `py, py + sy, ..` and columns `px, px + sx, ..`, so padded column `c * sx + px` is input column
+/// `c * sx + px - pad_left`.
+fn split_phases(
+    input: &[u8],
+    [h, w]: [usize; 2],
+    pads: [usize; 4],
+    [sy, sx]: [usize; 2],
+    wq: usize,
+    phases: &mut [u8],
 ) {
-    let end = (base + LANES).min(n_flat);
-    if pitch == ow {
-        dst[base..end].copy_from_slice(&lanes[..end - base]);
-        return;
-    }
-    let mut f = base;
-    while f < end {
-        let (oy, ox) = (f / pitch, f % pitch);
-        let row_end = (oy * pitch + pitch).min(end);
-        if ox < ow {
-            let n = (ow - ox).min(row_end - f);
-            dst[oy * ow + ox..][..n].copy_from_slice(&lanes[f - base..][..n]);
+    let plane = phases.len() / (sy * sx);
+    // (phase column offset within a phase row, first input column) of each column phase.
+    let starts: Vec<(usize, usize)> = (0..sx)
+        .map(|px| {
+            let first_c = (pads[1] + sx - 1 - px) / sx;
+            (first_c, first_c * sx + px - pads[1])
+        })
+        .collect();
+    for (y, row) in input.chunks_exact(w).take(h).enumerate() {
+        let yp = y + pads[0];
+        let (py, r) = (yp % sy, yp / sy);
+        let at = |px: usize| (py * sx + px) * plane + r * wq + starts[px].0;
+        if sx == 2 {
+            // One pass over the row's pairs feeds both column phases: the phase whose first input
+            // column is 0 takes the even columns, the other the odd ones. Whole pairs keep the
+            // loop free of strided indexing, so it vectorises.
+            let even = usize::from(starts[1].1 == 0);
+            let (ne, no) = (w.div_ceil(2), w / 2);
+            let (ae, ao) = (at(even), at(1 - even));
+            let (de, dodd) = if ae < ao {
+                let (lo, hi) = phases.split_at_mut(ao);
+                (&mut lo[ae..ae + ne], &mut hi[..no])
+            } else {
+                let (lo, hi) = phases.split_at_mut(ae);
+                (&mut hi[..ne], &mut lo[ao..ao + no])
+            };
+            let (pairs, rest) = row.as_chunks::<2>();
+            for ((e, o), p) in de.iter_mut().zip(dodd.iter_mut()).zip(pairs) {
+                *e = p[0];
+                *o = p[1];
+            }
+            if let [last] = rest {
+                de[ne - 1] = *last;
+            }
+            continue;
         }
-        f = row_end;
+        for (px, &(_, x0)) in starts.iter().enumerate() {
+            if x0 >= w {
+                continue;
+            }
+            let n = (w - x0).div_ceil(sx);
+            let dst = &mut phases[at(px)..][..n];
+            if sx == 1 {
+                dst.copy_from_slice(&row[x0..x0 + n]);
+            } else {
+                for (d, &v) in dst.iter_mut().zip(row[x0..].iter().step_by(sx)) {
+                    *d = v;
+                }
+            }
+        }
     }
 }
 

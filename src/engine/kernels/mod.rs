@@ -13,6 +13,16 @@
 //!    16-bit adds, subtracts and left shifts, widens each segment once to 32 bits with one shift,
 //!    then requantizes (the one multiply per output value) into `u8` or `f32`.
 //!
+//! # Direct programs: one output channel per group
+//!
+//! A conv with one output channel per group (depthwise) has nothing to share between output
+//! channels, so building a tile would only copy its activations twice. Such a conv becomes a
+//! *direct* program instead: each term names a tap, its sign and the left shift that precedes it,
+//! and [`ShiftAddKernel::run_direct`] reads the source with widening `u8 -> i16` loads straight
+//! into the Horner accumulation of a whole output plane, with the same segments, overflow bound and
+//! requantization as below (so a direct program computes exactly what the tile schedule of the same
+//! weights would), and stores the `u8` codes in their NCHW places itself.
+//!
 //! # The schedule and its overflow bound
 //!
 //! An output channel's weights are `alpha * s * 2^-e` (`s = ±1`). Terms are grouped by exponent
@@ -87,12 +97,22 @@ pub struct Chunk {
     pub rows: [u16; CHUNK],
 }
 
-/// A run of chunks accumulated in 16 bits, then widened and shifted by `shift32` (right if
-/// negative) into the 32-bit channel accumulator.
+/// One weight term of a direct program: shift the segment accumulator left by `shl`, then add
+/// (or, if `neg`, subtract) tap `tap` of the channel's group. `shl` is non-zero only on the first
+/// term of an exponent group, as for [`Chunk::shl16`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectTerm {
+    pub tap: u16,
+    pub shl: u8,
+    pub neg: bool,
+}
+
+/// A run of chunks (tile programs) or terms (direct programs) accumulated in 16 bits, then
+/// widened and shifted by `shift32` (right if negative) into the 32-bit channel accumulator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
-    pub first_chunk: u32,
-    pub n_chunks: u32,
+    pub first: u32,
+    pub len: u32,
     pub shift32: i32,
 }
 
@@ -110,7 +130,11 @@ pub struct ConvProgram {
     /// `[cout + 1]` prefix offsets into `segs`.
     pub(in crate::engine) oc_segs: Vec<u32>,
     pub(in crate::engine) segs: Vec<Segment>,
+    /// The schedule of a tile program (empty for a direct one).
     pub(in crate::engine) chunks: Vec<Chunk>,
+    /// The schedule of a direct program (one output channel per group; empty otherwise).
+    pub(in crate::engine) terms: Vec<DirectTerm>,
+    pub(in crate::engine) direct: bool,
     /// Non-zero weights (the rest of the chunk rows are padding).
     pub(in crate::engine) n_terms: usize,
     pub(in crate::engine) mult: Vec<f32>,
@@ -128,6 +152,7 @@ impl fmt::Debug for ConvProgram {
             .field("cout_g", &self.cout_g)
             .field("k", &self.k)
             .field("terms", &self.n_terms)
+            .field("direct", &self.direct)
             .field("chunks", &self.chunks.len())
             .field("segments", &self.segs.len())
             .field("act", &self.act)
@@ -195,6 +220,8 @@ impl ConvProgram {
             oc_segs: vec![0],
             segs: vec![],
             chunks: vec![],
+            terms: vec![],
+            direct: cout == groups,
             n_terms: 0,
             mult: vec![],
             add: vec![],
@@ -286,25 +313,42 @@ impl ConvProgram {
                 let n = room.min(group_end - start);
                 if !seg_open {
                     self.segs.push(Segment {
-                        first_chunk: self.chunks.len() as u32,
-                        n_chunks: 0,
+                        first: if self.direct {
+                            self.terms.len()
+                        } else {
+                            self.chunks.len()
+                        } as u32,
+                        len: 0,
                         shift32: 0,
                     });
                     seg_open = true;
                 }
-                let rows: Vec<u16> = terms[start..start + n]
-                    .iter()
-                    .map(|&(_, neg, tap)| if neg { k + tap } else { tap })
-                    .collect();
-                for (c, part) in rows.chunks(CHUNK).enumerate() {
-                    let mut r = [zero_row; CHUNK];
-                    r[..part.len()].copy_from_slice(part);
-                    self.chunks.push(Chunk {
-                        shl16: if c == 0 { shift as u16 } else { 0 },
-                        rows: r,
-                    });
-                }
-                self.segs.last_mut().expect("open segment").n_chunks += n.div_ceil(CHUNK) as u32;
+                let piece = &terms[start..start + n];
+                let added = if self.direct {
+                    for (j, &(_, neg, tap)) in piece.iter().enumerate() {
+                        self.terms.push(DirectTerm {
+                            tap,
+                            shl: if j == 0 { shift as u8 } else { 0 },
+                            neg,
+                        });
+                    }
+                    n
+                } else {
+                    let rows: Vec<u16> = piece
+                        .iter()
+                        .map(|&(_, neg, tap)| if neg { k + tap } else { tap })
+                        .collect();
+                    for (c, part) in rows.chunks(CHUNK).enumerate() {
+                        let mut r = [zero_row; CHUNK];
+                        r[..part.len()].copy_from_slice(part);
+                        self.chunks.push(Chunk {
+                            shl16: if c == 0 { shift as u16 } else { 0 },
+                            rows: r,
+                        });
+                    }
+                    n.div_ceil(CHUNK)
+                };
+                self.segs.last_mut().expect("open segment").len += added as u32;
                 bound = scaled.unwrap_or(0) + n as u64;
                 last_e = e;
                 start += n;
@@ -350,9 +394,16 @@ impl ConvProgram {
         self.n_terms
     }
 
-    /// Rows added per output position, padding included (`CHUNK` per chunk).
+    /// Rows added per output position, padding included (`CHUNK` per chunk; one per term for a
+    /// direct program).
     pub fn row_adds(&self) -> usize {
-        self.chunks.len() * CHUNK
+        self.chunks.len() * CHUNK + self.terms.len()
+    }
+
+    /// Whether the conv has one output channel per group and runs through
+    /// [`ShiftAddKernel::run_direct`] rather than tiles.
+    pub fn is_direct(&self) -> bool {
+        self.direct
     }
 
     /// Rows of the tile the kernels build: `+x` and `-x` for each tap, then a zero row.
@@ -371,6 +422,7 @@ impl ConvProgram {
             + self.oc_segs.len() * 4
             + self.segs.len() * std::mem::size_of::<Segment>()
             + self.chunks.len() * std::mem::size_of::<Chunk>()
+            + self.terms.len() * std::mem::size_of::<DirectTerm>()
             + self.mult.len() * 8
     }
 
@@ -384,6 +436,59 @@ impl ConvProgram {
 pub enum TileOut<'a> {
     U8(&'a mut [u8]),
     F32(&'a mut [f32]),
+}
+
+/// One output channel's plane, `[oh][ow]`.
+pub enum PlaneOut<'a> {
+    U8(&'a mut [u8]),
+    F32(&'a mut [f32]),
+}
+
+/// Where the flat positions a kernel computes go: position `f = oy * pitch + ox` (for `f <
+/// positions = oh * pitch`) is output `oy * width + ox` when `ox < width`, else dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlatGeometry {
+    pub positions: usize,
+    pub pitch: usize,
+    pub width: usize,
+}
+
+impl FlatGeometry {
+    pub fn rows(&self) -> usize {
+        self.positions / self.pitch
+    }
+
+    /// Checks the invariants the kernels' stores rely on.
+    pub fn check(&self, out_len: usize) {
+        assert!(
+            self.pitch > 0 && self.width <= self.pitch && self.positions.is_multiple_of(self.pitch),
+            "flat geometry {self:?}"
+        );
+        assert!(
+            out_len >= self.rows() * self.width,
+            "output plane too small"
+        );
+    }
+}
+
+/// Copies the lanes of flat positions `f0..f0 + lanes.len()` to their places in `out`, dropping
+/// the pitch columns and the positions past `geom.positions`.
+pub fn store_flat<T: Copy>(lanes: &[T], f0: usize, geom: FlatGeometry, out: &mut [T]) {
+    let end = (f0 + lanes.len()).min(geom.positions);
+    if geom.pitch == geom.width {
+        out[f0..end].copy_from_slice(&lanes[..end - f0]);
+        return;
+    }
+    let mut f = f0;
+    while f < end {
+        let (oy, ox) = (f / geom.pitch, f % geom.pitch);
+        let row_end = (oy * geom.pitch + geom.pitch).min(end);
+        if ox < geom.width {
+            let n = (geom.width - ox).min(row_end - f);
+            out[oy * geom.width + ox..][..n].copy_from_slice(&lanes[f - f0..][..n]);
+        }
+        f = row_end;
+    }
 }
 
 /// A shift-add conv kernel family.
@@ -401,7 +506,8 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
     fn build_tile(&self, src: &[u8], taps: &[u32], base: usize, tile: &mut [i16]);
 
     /// Runs output channels `first_oc .. first_oc + n` (all in one group) over `tile`, writing
-    /// `out[i][lane]` for channel `first_oc + i`. Panics if the range, tile or output is too small.
+    /// `out[i][lane]` for channel `first_oc + i`. Panics if the range, tile or output is too small,
+    /// or the program is direct.
     fn run_channels(
         &self,
         prog: &ConvProgram,
@@ -409,6 +515,37 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
         n: usize,
         tile: &[i16],
         out: TileOut<'_>,
+    );
+
+    /// Runs output channel `oc` of a direct program over every flat position of `geom`, reading
+    /// tap `k` of position `f` at `src[taps[oc][k] + f]`, and writes the plane `out`. Panics
+    /// unless the program is direct, `src` holds `max tap + geom.positions` rounded up to
+    /// [`LANES`] bytes, and `out` holds the plane.
+    fn run_direct(
+        &self,
+        prog: &ConvProgram,
+        oc: usize,
+        src: &[u8],
+        geom: FlatGeometry,
+        out: PlaneOut<'_>,
+    );
+}
+
+/// The checks every [`ShiftAddKernel::run_direct`] makes before touching memory.
+pub(crate) fn check_direct(
+    prog: &ConvProgram,
+    oc: usize,
+    src: &[u8],
+    geom: FlatGeometry,
+    out_len: usize,
+) {
+    assert!(prog.direct, "run_direct on a tile program");
+    assert!(oc < prog.cout(), "channel out of bounds");
+    geom.check(out_len);
+    let max_tap = prog.group_taps(oc).iter().copied().max().unwrap_or(0) as usize;
+    assert!(
+        max_tap + geom.positions.next_multiple_of(LANES) <= src.len(),
+        "direct conv reads past the source"
     );
 }
 

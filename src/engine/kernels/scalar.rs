@@ -6,7 +6,10 @@
 
 use crate::engine::quant_params::round_half_even_small;
 
-use super::{Activation, ConvProgram, LANES, OutputKind, ShiftAddKernel, TileOut};
+use super::{
+    Activation, ConvProgram, FlatGeometry, LANES, OutputKind, PlaneOut, ShiftAddKernel, TileOut,
+    check_direct, store_flat,
+};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ScalarKernel;
@@ -34,7 +37,7 @@ pub(crate) fn channel_acc(prog: &ConvProgram, oc: usize, tile: &[i16]) -> [i32; 
     let segs = &prog.segs[prog.oc_segs[oc] as usize..prog.oc_segs[oc + 1] as usize];
     for seg in segs {
         let mut a16 = [0i16; LANES];
-        for chunk in &prog.chunks[seg.first_chunk as usize..][..seg.n_chunks as usize] {
+        for chunk in &prog.chunks[seg.first as usize..][..seg.len as usize] {
             for v in &mut a16 {
                 *v = v.wrapping_shl(u32::from(chunk.shl16));
             }
@@ -43,6 +46,39 @@ pub(crate) fn channel_acc(prog: &ConvProgram, oc: usize, tile: &[i16]) -> [i32; 
                 for (v, &x) in a16.iter_mut().zip(row) {
                     *v = v.wrapping_add(x);
                 }
+            }
+        }
+        for (a, &v) in acc.iter_mut().zip(&a16) {
+            let w = i32::from(v);
+            let shifted = if seg.shift32 >= 0 {
+                w.wrapping_shl(seg.shift32 as u32)
+            } else {
+                w >> (-seg.shift32).min(31)
+            };
+            *a = a.wrapping_add(shifted);
+        }
+    }
+    acc
+}
+
+/// Runs output channel `oc` of a direct program over the [`LANES`] flat positions from `base`:
+/// the same Horner steps, segments and shifts as [`channel_acc`] on a tile of the same taps.
+pub(crate) fn direct_acc(prog: &ConvProgram, oc: usize, src: &[u8], base: usize) -> [i32; LANES] {
+    let mut acc = [0i32; LANES];
+    let taps = prog.group_taps(oc);
+    let segs = &prog.segs[prog.oc_segs[oc] as usize..prog.oc_segs[oc + 1] as usize];
+    for seg in segs {
+        let mut a16 = [0i16; LANES];
+        for t in &prog.terms[seg.first as usize..][..seg.len as usize] {
+            let x = &src[taps[usize::from(t.tap)] as usize + base..][..LANES];
+            for (v, &q) in a16.iter_mut().zip(x) {
+                let q = i16::from(q);
+                let shifted = v.wrapping_shl(u32::from(t.shl));
+                *v = if t.neg {
+                    shifted.wrapping_sub(q)
+                } else {
+                    shifted.wrapping_add(q)
+                };
             }
         }
         for (a, &v) in acc.iter_mut().zip(&a16) {
@@ -89,6 +125,7 @@ unsafe impl ShiftAddKernel for ScalarKernel {
         tile: &[i16],
         out: TileOut<'_>,
     ) {
+        assert!(!prog.direct, "run_channels on a direct program");
         assert!(tile.len() >= prog.tile_rows() * LANES);
         match out {
             TileOut::U8(out) => {
@@ -113,6 +150,44 @@ unsafe impl ShiftAddKernel for ScalarKernel {
                     for (o, &a) in row.iter_mut().zip(&acc) {
                         *o = requant_f32(a, prog.mult[oc], prog.add[oc], prog.act);
                     }
+                }
+            }
+        }
+    }
+
+    fn run_direct(
+        &self,
+        prog: &ConvProgram,
+        oc: usize,
+        src: &[u8],
+        geom: FlatGeometry,
+        out: PlaneOut<'_>,
+    ) {
+        let (mult, add, act) = (prog.mult[oc], prog.add[oc], prog.act);
+        match out {
+            PlaneOut::U8(out) => {
+                check_direct(prog, oc, src, geom, out.len());
+                let OutputKind::U8 { zero_point } = prog.out else {
+                    panic!("u8 output for an f32 conv")
+                };
+                let mut lanes = [0u8; LANES];
+                for base in (0..geom.positions).step_by(LANES) {
+                    let acc = direct_acc(prog, oc, src, base);
+                    for (o, &a) in lanes.iter_mut().zip(&acc) {
+                        *o = to_code(requant_f32(a, mult, add, act), zero_point);
+                    }
+                    store_flat(&lanes, base, geom, out);
+                }
+            }
+            PlaneOut::F32(out) => {
+                check_direct(prog, oc, src, geom, out.len());
+                let mut lanes = [0f32; LANES];
+                for base in (0..geom.positions).step_by(LANES) {
+                    let acc = direct_acc(prog, oc, src, base);
+                    for (o, &a) in lanes.iter_mut().zip(&acc) {
+                        *o = requant_f32(a, mult, add, act);
+                    }
+                    store_flat(&lanes, base, geom, out);
                 }
             }
         }

@@ -6,16 +6,29 @@
 //! data-dependent branch. They
 //! compute exactly what [`super::scalar`] specifies, including the f32 epilogue (multiply, then
 //! add, no FMA; conversion rounds half to even).
+//!
+//! Direct programs (one output channel per group) skip the tile: each term is a widening load of
+//! the source at its tap, negated under a mask register (AVX-512) or by `vpsignw` (AVX2) rather
+//! than by a branch, so the body of the term loop is the same for every weight.
+//!
+//! The `u8` epilogues clamp only from above in f32: below, the saturating packs do it, because
+//! `clamp(round(clamp(t, -1024, 1024)) + zp, 0, 255)` equals `sat_u8(sat_i16(round(min(t, 1024))) +
+//! zp)` for every `t` (a value under -1024 ends negative either way, and the conversion of one under
+//! `-2^31` gives `i32::MIN`).
 
 use std::arch::x86_64::*;
 
-use super::{Activation, ConvProgram, LANES, OutputKind, Segment, ShiftAddKernel, TileOut};
+use super::{
+    Activation, ConvProgram, FlatGeometry, LANES, OutputKind, PlaneOut, Segment, ShiftAddKernel,
+    TileOut, check_direct, store_flat,
+};
 
 /// Bytes between tile rows.
 const ROW_BYTES: usize = LANES * 2;
 
 /// Checks a program's channel range and the tile before the unchecked loads below.
 fn check_run(prog: &ConvProgram, first_oc: usize, n: usize, tile: &[i16], out_len: usize) {
+    assert!(!prog.direct, "run_channels on a direct program");
     assert!(first_oc + n <= prog.cout(), "channel range out of bounds");
     assert!(n == 0 || first_oc / prog.cout_g == (first_oc + n - 1) / prog.cout_g);
     assert!(tile.len() >= prog.tile_rows() * LANES, "tile too small");
@@ -82,6 +95,24 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
         // output; `ConvProgram::build` guarantees every term indexes a tap below `k`.
         unsafe { run_channels_avx512(prog, first_oc, n, tile, out) }
     }
+
+    fn run_direct(
+        &self,
+        prog: &ConvProgram,
+        oc: usize,
+        src: &[u8],
+        geom: FlatGeometry,
+        out: PlaneOut<'_>,
+    ) {
+        let out_len = match &out {
+            PlaneOut::U8(o) => o.len(),
+            PlaneOut::F32(o) => o.len(),
+        };
+        check_direct(prog, oc, src, geom, out_len);
+        // SAFETY: the features exist (constructor); `check_direct` bounds every source read (the
+        // largest tap plus the positions rounded up to LANES) and the output plane.
+        unsafe { run_direct_avx512(prog, oc, src, geom, out) }
+    }
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -114,7 +145,7 @@ unsafe fn channel_acc_avx512(prog: &ConvProgram, oc: usize, tile: *const i16) ->
     for seg in channel_segments(prog, oc) {
         let (mut a0, mut a1) = (zero, zero);
         let tb = tile.cast::<u8>();
-        for chunk in &prog.chunks[seg.first_chunk as usize..][..seg.n_chunks as usize] {
+        for chunk in &prog.chunks[seg.first as usize..][..seg.len as usize] {
             let sh = _mm_cvtsi32_si128(i32::from(chunk.shl16));
             a0 = _mm512_sll_epi16(a0, sh);
             a1 = _mm512_sll_epi16(a1, sh);
@@ -213,6 +244,181 @@ unsafe fn run_channels_avx512(
     }
 }
 
+/// Requantizes 64 lanes (four vectors of 16 `i32`) to `u8` codes in lane order.
+#[target_feature(enable = "avx512f,avx512bw")]
+fn codes_avx512(acc: &[__m512i], m: __m512, a: __m512, act: Activation, zp16: __m512i) -> __m512i {
+    let hi = _mm512_set1_ps(1024.0);
+    let r: [__m512i; 4] = std::array::from_fn(|j| {
+        // SAFETY: features enabled by the enclosing target_feature.
+        let t = unsafe { epilogue_avx512(acc[j], m, a, act) };
+        _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_min_ps(t, hi),
+        )
+    });
+    let p01 = _mm512_adds_epi16(_mm512_packs_epi32(r[0], r[1]), zp16);
+    let p23 = _mm512_adds_epi16(_mm512_packs_epi32(r[2], r[3]), zp16);
+    // The packs work per 128-bit lane: dword `4 * lane + j` holds positions `16 * j + 4 * lane..`.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_epi32(order, _mm512_packus_epi16(p01, p23))
+}
+
+/// The output row the next flat position falls in.
+struct RowCursor {
+    oy: usize,
+    start: usize,
+}
+
+/// Stores the 64 codes of flat positions `g0..g0 + 64` into their rows of `out` with one masked
+/// store per row piece. The caller guarantees that `out` holds `geom.rows() * geom.width` bytes,
+/// that `geom` passed [`FlatGeometry::check`], and that groups come in increasing order with
+/// `rows` at the row of `g0`.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn store_rows_avx512(
+    v: __m512i,
+    g0: usize,
+    geom: FlatGeometry,
+    out: *mut u8,
+    rows: &mut RowCursor,
+) {
+    let end = (g0 + 64).min(geom.positions);
+    while rows.start < end {
+        let lo = rows.start.max(g0);
+        let hi = (rows.start + geom.width).min(end);
+        if hi > lo {
+            let mask = (u64::MAX >> (64 - (hi - lo))) << (lo - g0);
+            // Lane l belongs at out[oy * width + g0 + l - start]; the base may point before `out`
+            // (wrapping arithmetic, never dereferenced there).
+            let dst = out
+                .wrapping_add(rows.oy * geom.width + g0)
+                .wrapping_sub(rows.start);
+            // SAFETY: the masked store touches only lanes lo - g0 .. hi - g0, whose flat positions
+            // f in lo..hi lie in row oy's first `width` columns, so they land at
+            // out[oy * width + f - start] < rows() * width (oy < rows() because start < end <=
+            // positions): inside `out` (caller's contract). Masked-off lanes are not accessed.
+            unsafe { _mm512_mask_storeu_epi8(dst.cast(), mask, v) };
+        }
+        if rows.start + geom.pitch > g0 + 64 {
+            break;
+        }
+        rows.start += geom.pitch;
+        rows.oy += 1;
+    }
+}
+
+/// Runs a direct program's channel over the `32 * N` flat positions at `p` (the source plus the
+/// block's first position): the 32-bit accumulators of each 16-lane quarter, in position order.
+/// The caller guarantees that every tap of the channel's group plus `32 * N` bytes is readable
+/// from `p`.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn direct_block_avx512<const N: usize>(
+    prog: &ConvProgram,
+    taps: &[u32],
+    segs: &[Segment],
+    p: *const u8,
+) -> [[__m512i; 2]; N] {
+    let zero = _mm512_setzero_si512();
+    let mut acc = [[zero; 2]; N];
+    for seg in segs {
+        let mut a = [zero; N];
+        for t in &prog.terms[seg.first as usize..][..seg.len as usize] {
+            let tp = p.wrapping_add(taps[usize::from(t.tap)] as usize);
+            let sh = _mm_cvtsi32_si128(i32::from(t.shl));
+            let neg: __mmask32 = 0u32.wrapping_sub(u32::from(t.neg));
+            for (i, v) in a.iter_mut().enumerate() {
+                // SAFETY: tp + 32 * i + 32 <= tp + 32 * N is readable (caller's contract).
+                let x = unsafe { _mm512_cvtepu8_epi16(_mm256_loadu_si256(tp.add(32 * i).cast())) };
+                let x = _mm512_mask_sub_epi16(x, neg, zero, x);
+                *v = _mm512_add_epi16(_mm512_sll_epi16(*v, sh), x);
+            }
+        }
+        let cnt = _mm_cvtsi32_si128(seg.shift32.abs());
+        for (w, v) in acc.iter_mut().zip(a) {
+            let wide = [
+                _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)),
+                _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v)),
+            ];
+            for (d, x) in w.iter_mut().zip(wide) {
+                let s = if seg.shift32 >= 0 {
+                    _mm512_sll_epi32(x, cnt)
+                } else {
+                    _mm512_sra_epi32(x, cnt)
+                };
+                *d = _mm512_add_epi32(*d, s);
+            }
+        }
+    }
+    acc
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn run_direct_avx512(
+    prog: &ConvProgram,
+    oc: usize,
+    src: &[u8],
+    geom: FlatGeometry,
+    out: PlaneOut<'_>,
+) {
+    let taps = prog.group_taps(oc);
+    let segs = channel_segments(prog, oc);
+    let s = src.as_ptr();
+    let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
+    let act = prog.act;
+    match out {
+        PlaneOut::U8(out) => {
+            let OutputKind::U8 { zero_point } = prog.out else {
+                panic!("u8 output for an f32 conv")
+            };
+            let zp16 = _mm512_set1_epi16(i16::from(zero_point));
+            let o = out.as_mut_ptr();
+            let mut rows = RowCursor { oy: 0, start: 0 };
+            let mut f0 = 0;
+            // Blocks of 128 while more than 64 positions remain, so no read passes the last
+            // position rounded up to LANES.
+            while f0 < geom.positions {
+                if geom.positions - f0 > LANES {
+                    // SAFETY: f0 + 128 <= positions rounded up to LANES (f0 is a multiple of 64),
+                    // which `check_direct` bounds for every tap; `out` is checked by
+                    // `check_direct` and `rows` follows the groups in order.
+                    unsafe {
+                        let acc = direct_block_avx512::<4>(prog, taps, segs, s.add(f0));
+                        for (h, q) in acc.chunks_exact(2).enumerate() {
+                            let v = [q[0][0], q[0][1], q[1][0], q[1][1]];
+                            let bytes = codes_avx512(&v, m, a, act, zp16);
+                            store_rows_avx512(bytes, f0 + 64 * h, geom, o, &mut rows);
+                        }
+                    }
+                    f0 += 2 * LANES;
+                } else {
+                    // SAFETY: as above with f0 + 64.
+                    unsafe {
+                        let acc = direct_block_avx512::<2>(prog, taps, segs, s.add(f0));
+                        let v = [acc[0][0], acc[0][1], acc[1][0], acc[1][1]];
+                        let bytes = codes_avx512(&v, m, a, act, zp16);
+                        store_rows_avx512(bytes, f0, geom, o, &mut rows);
+                    }
+                    f0 += LANES;
+                }
+            }
+        }
+        PlaneOut::F32(out) => {
+            // Graph outputs only: a staged block and the portable scatter are fast enough.
+            let mut lanes = [0f32; LANES];
+            for f0 in (0..geom.positions).step_by(LANES) {
+                // SAFETY: f0 + 64 <= positions rounded up to LANES, bounded by `check_direct`.
+                let acc = unsafe { direct_block_avx512::<2>(prog, taps, segs, s.add(f0)) };
+                for (j, v) in acc.iter().flatten().enumerate() {
+                    // SAFETY: features enabled; 16 * j + 16 <= LANES.
+                    unsafe {
+                        let t = epilogue_avx512(*v, m, a, act);
+                        _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * j), t);
+                    }
+                }
+                store_flat(&lanes, f0, geom, out);
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // AVX2
 // ---------------------------------------------------------------------------------------------
@@ -257,6 +463,24 @@ unsafe impl ShiftAddKernel for Avx2Kernel {
         // SAFETY: AVX2 exists; bounds as for the AVX-512 kernel.
         unsafe { run_channels_avx2(prog, first_oc, n, tile, out) }
     }
+
+    fn run_direct(
+        &self,
+        prog: &ConvProgram,
+        oc: usize,
+        src: &[u8],
+        geom: FlatGeometry,
+        out: PlaneOut<'_>,
+    ) {
+        let out_len = match &out {
+            PlaneOut::U8(o) => o.len(),
+            PlaneOut::F32(o) => o.len(),
+        };
+        check_direct(prog, oc, src, geom, out_len);
+        // SAFETY: AVX2 exists; `check_direct` bounds every source read; the output is written
+        // through the bounds-checked `store_flat`.
+        unsafe { run_direct_avx2(prog, oc, src, geom, out) }
+    }
 }
 
 #[target_feature(enable = "avx2")]
@@ -287,7 +511,7 @@ unsafe fn channel_acc_avx2(prog: &ConvProgram, oc: usize, tile: *const i16) -> [
     for seg in channel_segments(prog, oc) {
         let mut a = [zero; 4];
         let tb = tile.cast::<u8>();
-        for chunk in &prog.chunks[seg.first_chunk as usize..][..seg.n_chunks as usize] {
+        for chunk in &prog.chunks[seg.first as usize..][..seg.len as usize] {
             let sh = _mm_cvtsi32_si128(i32::from(chunk.shl16));
             for v in &mut a {
                 *v = _mm256_sll_epi16(*v, sh);
@@ -346,29 +570,14 @@ unsafe fn run_channels_avx2(
             let OutputKind::U8 { zero_point } = prog.out else {
                 panic!("u8 output for an f32 conv")
             };
-            let zp = _mm256_set1_epi32(i32::from(zero_point));
-            let (lo, hi) = (_mm256_set1_ps(-1024.0), _mm256_set1_ps(1024.0));
-            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
             for i in 0..n {
                 let oc = first_oc + i;
                 // SAFETY: bounds checked by the caller (see `run_channels`).
                 let acc = unsafe { channel_acc_avx2(prog, oc, tp) };
                 let (m, a) = (_mm256_set1_ps(prog.mult[oc]), _mm256_set1_ps(prog.add[oc]));
-                let mut codes = [_mm256_setzero_si256(); 8];
-                for (c, &v) in codes.iter_mut().zip(&acc) {
-                    // SAFETY: AVX2 enabled by the enclosing target_feature.
-                    let t = unsafe { epilogue_avx2(v, m, a, prog.act) };
-                    let t = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
-                    // Rounds half to even under the default MXCSR, which Rust never changes.
-                    *c = _mm256_add_epi32(_mm256_cvtps_epi32(t), zp);
-                }
-                // Saturating packs clamp to 0..=255; the permute undoes their lane interleave.
-                for q in 0..2 {
-                    let c = &codes[4 * q..4 * q + 4];
-                    let p01 = _mm256_packus_epi32(c[0], c[1]);
-                    let p23 = _mm256_packus_epi32(c[2], c[3]);
-                    let b = _mm256_packus_epi16(p01, p23);
-                    let b = _mm256_permutevar8x32_epi32(b, order);
+                // SAFETY: AVX2 enabled by the enclosing target_feature.
+                let codes = unsafe { codes_avx2(&acc, m, a, prog.act, zero_point) };
+                for (q, b) in codes.into_iter().enumerate() {
                     // SAFETY: out holds n rows of LANES (checked); 32 * q + 32 <= LANES.
                     unsafe {
                         _mm256_storeu_si256(out.as_mut_ptr().add(i * LANES + 32 * q).cast(), b)
@@ -389,6 +598,127 @@ unsafe fn run_channels_avx2(
                         _mm256_storeu_ps(out.as_mut_ptr().add(i * LANES + j * 8), t);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Requantizes 64 lanes (eight vectors of 8 `i32`) to `u8` codes in lane order.
+#[target_feature(enable = "avx2")]
+unsafe fn codes_avx2(
+    acc: &[__m256i; 8],
+    m: __m256,
+    a: __m256,
+    act: Activation,
+    zero_point: u8,
+) -> [__m256i; 2] {
+    let zp = _mm256_set1_epi32(i32::from(zero_point));
+    let (lo, hi) = (_mm256_set1_ps(-1024.0), _mm256_set1_ps(1024.0));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut codes = [_mm256_setzero_si256(); 8];
+    for (c, &v) in codes.iter_mut().zip(acc) {
+        // SAFETY: AVX2 enabled by the enclosing target_feature.
+        let t = unsafe { epilogue_avx2(v, m, a, act) };
+        let t = _mm256_min_ps(_mm256_max_ps(t, lo), hi);
+        // Rounds half to even under the default MXCSR, which Rust never changes.
+        *c = _mm256_add_epi32(_mm256_cvtps_epi32(t), zp);
+    }
+    // Saturating packs clamp to 0..=255; the permute undoes their lane interleave.
+    std::array::from_fn(|q| {
+        let c = &codes[4 * q..4 * q + 4];
+        let p01 = _mm256_packus_epi32(c[0], c[1]);
+        let p23 = _mm256_packus_epi32(c[2], c[3]);
+        _mm256_permutevar8x32_epi32(_mm256_packus_epi16(p01, p23), order)
+    })
+}
+
+/// Runs a direct program's channel over the 64 flat positions at `p` (the source plus the block's
+/// first position): the 32-bit accumulators of each 8-lane eighth, in position order. The caller
+/// guarantees that every tap of the channel's group plus 64 bytes is readable from `p`.
+#[target_feature(enable = "avx2")]
+unsafe fn direct_block_avx2(
+    prog: &ConvProgram,
+    taps: &[u32],
+    segs: &[Segment],
+    p: *const u8,
+) -> [__m256i; 8] {
+    let zero = _mm256_setzero_si256();
+    let mut acc = [zero; 8];
+    for seg in segs {
+        let mut a = [zero; 4];
+        for t in &prog.terms[seg.first as usize..][..seg.len as usize] {
+            let tp = p.wrapping_add(taps[usize::from(t.tap)] as usize);
+            let sh = _mm_cvtsi32_si128(i32::from(t.shl));
+            // vpsignw by +1 or -1: the term's sign without a branch.
+            let sign = _mm256_set1_epi16(1 - 2 * i16::from(t.neg));
+            for (i, v) in a.iter_mut().enumerate() {
+                // SAFETY: tp + 16 * i + 16 <= tp + 64 is readable (caller's contract).
+                let x = unsafe { _mm256_cvtepu8_epi16(_mm_loadu_si128(tp.add(16 * i).cast())) };
+                *v = _mm256_add_epi16(_mm256_sll_epi16(*v, sh), _mm256_sign_epi16(x, sign));
+            }
+        }
+        let cnt = _mm_cvtsi32_si128(seg.shift32.abs());
+        for (h, v) in a.iter().enumerate() {
+            let wide = [
+                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*v)),
+                _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(*v)),
+            ];
+            for (j, w) in wide.into_iter().enumerate() {
+                let s = if seg.shift32 >= 0 {
+                    _mm256_sll_epi32(w, cnt)
+                } else {
+                    _mm256_sra_epi32(w, cnt)
+                };
+                acc[2 * h + j] = _mm256_add_epi32(acc[2 * h + j], s);
+            }
+        }
+    }
+    acc
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn run_direct_avx2(
+    prog: &ConvProgram,
+    oc: usize,
+    src: &[u8],
+    geom: FlatGeometry,
+    out: PlaneOut<'_>,
+) {
+    let taps = prog.group_taps(oc);
+    let segs = channel_segments(prog, oc);
+    let s = src.as_ptr();
+    let (m, a) = (_mm256_set1_ps(prog.mult[oc]), _mm256_set1_ps(prog.add[oc]));
+    match out {
+        PlaneOut::U8(out) => {
+            let OutputKind::U8 { zero_point } = prog.out else {
+                panic!("u8 output for an f32 conv")
+            };
+            let mut lanes = [0u8; LANES];
+            for f0 in (0..geom.positions).step_by(LANES) {
+                // SAFETY: f0 + 64 <= positions rounded up to LANES, which `check_direct` bounds
+                // for every tap; the stores stay in `lanes` (2 x 32 bytes).
+                unsafe {
+                    let acc = direct_block_avx2(prog, taps, segs, s.add(f0));
+                    let codes = codes_avx2(&acc, m, a, prog.act, zero_point);
+                    for (q, b) in codes.into_iter().enumerate() {
+                        _mm256_storeu_si256(lanes.as_mut_ptr().add(32 * q).cast(), b);
+                    }
+                }
+                store_flat(&lanes, f0, geom, out);
+            }
+        }
+        PlaneOut::F32(out) => {
+            let mut lanes = [0f32; LANES];
+            for f0 in (0..geom.positions).step_by(LANES) {
+                // SAFETY: as above; the stores stay in `lanes` (8 x 8 floats).
+                unsafe {
+                    let acc = direct_block_avx2(prog, taps, segs, s.add(f0));
+                    for (j, &v) in acc.iter().enumerate() {
+                        let t = epilogue_avx2(v, m, a, prog.act);
+                        _mm256_storeu_ps(lanes.as_mut_ptr().add(8 * j), t);
+                    }
+                }
+                store_flat(&lanes, f0, geom, out);
             }
         }
     }
