@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use lbw::engine::Backend;
 use lbw::engine::kernels::{
-    Activation, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES, PlaneOut, ShiftAddKernel,
-    TileOut, available_kernels, select_kernel, store_flat,
+    Activation, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES, PhaseSplit, PlaneOut,
+    ShiftAddKernel, TileOut, available_kernels, select_kernel, store_flat,
 };
 use lbw::engine::quant_params::{ActivationScales, QParams};
 use lbw::engine::shift_add::{EngineOptions, ShiftAddEngine, fake_quant_simulation};
@@ -251,6 +251,34 @@ proptest! {
                 let same = a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits());
                 prop_assert!(same, "kernel {} differs from scalar", k.name());
             }
+        }
+    }
+
+    /// The padded, phase-split source: every kernel's row copies give the portable bytes, on
+    /// rows long and short (masked tails, several 64- and 128-byte steps).
+    #[test]
+    fn kernels_split_phases_alike(
+        seed in any::<u64>(),
+        h in 1usize..6,
+        w in 1usize..300,
+        pads in proptest::array::uniform4(0usize..3),
+        stride in proptest::array::uniform2(1usize..4),
+    ) {
+        let mut rng = Lcg(seed);
+        let input: Vec<u8> = (0..h * w).map(|_| rng.below(256) as u8).collect();
+        let hq = (h + pads[0] + pads[2]).div_ceil(stride[0]);
+        let wq = (w + pads[1] + pads[3]).div_ceil(stride[1]);
+        let geom = PhaseSplit { h, w, pads, stride, wq };
+        let split = |k: &dyn ShiftAddKernel| {
+            let mut phases = vec![7u8; stride[0] * stride[1] * hq * wq];
+            k.split_phases(&input, geom, &mut phases);
+            phases
+        };
+        let want = split(select_kernel(KernelChoice::Scalar).unwrap().as_ref());
+        // Every input byte lands somewhere: the phase planes hold the input once.
+        prop_assert_eq!(want.iter().filter(|&&v| v != 7).count(), input.iter().filter(|&&v| v != 7).count());
+        for k in available_kernels() {
+            prop_assert_eq!(&split(k.as_ref()), &want, "kernel {}", k.name());
         }
     }
 

@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::engine::Backend;
 use crate::engine::kernels::{
-    self, Activation, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES, PlaneOut,
-    ShiftAddKernel, TileOut, store_flat,
+    self, Activation, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES, PhaseSplit,
+    PlaneOut, ShiftAddKernel, TileOut, store_flat,
 };
 use crate::engine::quant_params::{ActivationScales, QParams};
 use crate::engine::reference::{ReferenceInterpreter, eval_node};
@@ -559,12 +559,15 @@ impl ShiftAddEngine {
                 buf.fill(c.in_zero_point);
                 let plane = hq * wq;
                 for ic in 0..*ch {
-                    split_phases(
+                    self.kernel.split_phases(
                         &input[ic * h * w..][..h * w],
-                        [*h, *w],
-                        *pads,
-                        *stride,
-                        *wq,
+                        PhaseSplit {
+                            h: *h,
+                            w: *w,
+                            pads: *pads,
+                            stride: *stride,
+                            wq: *wq,
+                        },
                         &mut buf[ic * stride[0] * stride[1] * plane..]
                             [..stride[0] * stride[1] * plane],
                     );
@@ -765,71 +768,6 @@ fn conv_block(
                         let dst = &mut o[(a + i - lo) * plane..][..plane];
                         store_flat(&stage_f32[i * LANES..][..LANES], base, geom, dst);
                     }
-                }
-            }
-        }
-    }
-}
-
-/// Copies one `[h][w]` channel into its `sy * sx` phase planes (`[sy][sx][hq][wq]`, already filled
-/// with the zero point), shifted by the top and left padding: phase `(py, px)` holds padded rows
-/// `py, py + sy, ..` and columns `px, px + sx, ..`, so padded column `c * sx + px` is input column
-/// `c * sx + px - pad_left`.
-fn split_phases(
-    input: &[u8],
-    [h, w]: [usize; 2],
-    pads: [usize; 4],
-    [sy, sx]: [usize; 2],
-    wq: usize,
-    phases: &mut [u8],
-) {
-    let plane = phases.len() / (sy * sx);
-    // (phase column offset within a phase row, first input column) of each column phase.
-    let starts: Vec<(usize, usize)> = (0..sx)
-        .map(|px| {
-            let first_c = (pads[1] + sx - 1 - px) / sx;
-            (first_c, first_c * sx + px - pads[1])
-        })
-        .collect();
-    for (y, row) in input.chunks_exact(w).take(h).enumerate() {
-        let yp = y + pads[0];
-        let (py, r) = (yp % sy, yp / sy);
-        let at = |px: usize| (py * sx + px) * plane + r * wq + starts[px].0;
-        if sx == 2 {
-            // One pass over the row's pairs feeds both column phases: the phase whose first input
-            // column is 0 takes the even columns, the other the odd ones. Whole pairs keep the
-            // loop free of strided indexing, so it vectorises.
-            let even = usize::from(starts[1].1 == 0);
-            let (ne, no) = (w.div_ceil(2), w / 2);
-            let (ae, ao) = (at(even), at(1 - even));
-            let (de, dodd) = if ae < ao {
-                let (lo, hi) = phases.split_at_mut(ao);
-                (&mut lo[ae..ae + ne], &mut hi[..no])
-            } else {
-                let (lo, hi) = phases.split_at_mut(ae);
-                (&mut hi[..ne], &mut lo[ao..ao + no])
-            };
-            let (pairs, rest) = row.as_chunks::<2>();
-            for ((e, o), p) in de.iter_mut().zip(dodd.iter_mut()).zip(pairs) {
-                *e = p[0];
-                *o = p[1];
-            }
-            if let [last] = rest {
-                de[ne - 1] = *last;
-            }
-            continue;
-        }
-        for (px, &(_, x0)) in starts.iter().enumerate() {
-            if x0 >= w {
-                continue;
-            }
-            let n = (w - x0).div_ceil(sx);
-            let dst = &mut phases[at(px)..][..n];
-            if sx == 1 {
-                dst.copy_from_slice(&row[x0..x0 + n]);
-            } else {
-                for (d, &v) in dst.iter_mut().zip(row[x0..].iter().step_by(sx)) {
-                    *d = v;
                 }
             }
         }

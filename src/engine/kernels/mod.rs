@@ -491,6 +491,110 @@ pub fn store_flat<T: Copy>(lanes: &[T], f0: usize, geom: FlatGeometry, out: &mut
     }
 }
 
+/// How a conv's padded source is laid out: one `[h][w]` input channel becomes `sy * sx` phase
+/// planes of `hq` rows of `wq` columns (see [`ShiftAddKernel::split_phases`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseSplit {
+    pub h: usize,
+    pub w: usize,
+    /// Top, left, bottom, right.
+    pub pads: [usize; 4],
+    pub stride: [usize; 2],
+    pub wq: usize,
+}
+
+/// The row copies of [`split_phases_with`], so each kernel family can supply its own.
+pub(crate) trait RowCopy {
+    /// `dst = src` (equal lengths).
+    fn copy(&self, src: &[u8], dst: &mut [u8]);
+    /// `even[i] = src[2i]`, `odd[i] = src[2i + 1]` (`even` holds `ceil(n / 2)`, `odd` `n / 2`).
+    fn deinterleave(&self, src: &[u8], even: &mut [u8], odd: &mut [u8]);
+}
+
+/// Portable row copies.
+pub(crate) struct PortableRows;
+
+impl RowCopy for PortableRows {
+    fn copy(&self, src: &[u8], dst: &mut [u8]) {
+        dst.copy_from_slice(src);
+    }
+
+    fn deinterleave(&self, src: &[u8], even: &mut [u8], odd: &mut [u8]) {
+        assert!(even.len() == src.len().div_ceil(2) && odd.len() == src.len() / 2);
+        // Whole pairs keep the loop free of strided indexing, so it vectorises.
+        let (pairs, rest) = src.as_chunks::<2>();
+        for ((e, o), p) in even.iter_mut().zip(odd.iter_mut()).zip(pairs) {
+            *e = p[0];
+            *o = p[1];
+        }
+        if let [last] = rest {
+            even[even.len() - 1] = *last;
+        }
+    }
+}
+
+/// Copies one `[h][w]` channel into its `sy * sx` phase planes (`[sy][sx][hq][wq]`, already filled
+/// with the zero point), shifted by the top and left padding: phase `(py, px)` holds padded rows
+/// `py, py + sy, ..` and columns `px, px + sx, ..`, so padded column `c * sx + px` is input column
+/// `c * sx + px - pad_left`.
+pub(crate) fn split_phases_with<R: RowCopy + ?Sized>(
+    rows: &R,
+    input: &[u8],
+    geom: PhaseSplit,
+    phases: &mut [u8],
+) {
+    let PhaseSplit {
+        h,
+        w,
+        pads,
+        stride: [sy, sx],
+        wq,
+    } = geom;
+    let plane = phases.len() / (sy * sx);
+    // (phase column offset within a phase row, first input column) of each column phase.
+    let starts: Vec<(usize, usize)> = (0..sx)
+        .map(|px| {
+            let first_c = (pads[1] + sx - 1 - px) / sx;
+            (first_c, first_c * sx + px - pads[1])
+        })
+        .collect();
+    for (y, row) in input.chunks_exact(w).take(h).enumerate() {
+        let yp = y + pads[0];
+        let (py, r) = (yp % sy, yp / sy);
+        let at = |px: usize| (py * sx + px) * plane + r * wq + starts[px].0;
+        if sx == 2 {
+            // One pass over the row feeds both column phases: the phase whose first input column
+            // is 0 takes the even columns, the other the odd ones.
+            let even = usize::from(starts[1].1 == 0);
+            let (ne, no) = (w.div_ceil(2), w / 2);
+            let (ae, ao) = (at(even), at(1 - even));
+            let (de, dodd) = if ae < ao {
+                let (lo, hi) = phases.split_at_mut(ao);
+                (&mut lo[ae..ae + ne], &mut hi[..no])
+            } else {
+                let (lo, hi) = phases.split_at_mut(ae);
+                (&mut hi[..ne], &mut lo[ao..ao + no])
+            };
+            rows.deinterleave(row, de, dodd);
+            continue;
+        }
+        for (px, &(_, x0)) in starts.iter().enumerate() {
+            if x0 >= w {
+                continue;
+            }
+            let n = (w - x0).div_ceil(sx);
+            let dst = &mut phases[at(px)..][..n];
+            if sx == 1 {
+                rows.copy(&row[x0..x0 + n], dst);
+            } else {
+                for (d, &v) in dst.iter_mut().zip(row[x0..].iter().step_by(sx)) {
+                    *d = v;
+                }
+            }
+        }
+    }
+}
+
 /// A shift-add conv kernel family.
 ///
 /// # Safety
@@ -516,6 +620,12 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
         tile: &[i16],
         out: TileOut<'_>,
     );
+
+    /// Copies one `[h][w]` input channel into its phase planes `phases` (`[sy][sx][hq][wq]`,
+    /// already filled with the zero point).
+    fn split_phases(&self, input: &[u8], geom: PhaseSplit, phases: &mut [u8]) {
+        split_phases_with(&PortableRows, input, geom, phases);
+    }
 
     /// Runs output channel `oc` of a direct program over every flat position of `geom`, reading
     /// tap `k` of position `f` at `src[taps[oc][k] + f]`, and writes the plane `out`. Panics

@@ -19,8 +19,8 @@
 use std::arch::x86_64::*;
 
 use super::{
-    Activation, ConvProgram, FlatGeometry, LANES, OutputKind, PlaneOut, Segment, ShiftAddKernel,
-    TileOut, check_direct, store_flat,
+    Activation, ConvProgram, FlatGeometry, LANES, OutputKind, PhaseSplit, PlaneOut, RowCopy,
+    Segment, ShiftAddKernel, TileOut, check_direct, split_phases_with, store_flat,
 };
 
 /// Bytes between tile rows.
@@ -112,6 +112,83 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
         // SAFETY: the features exist (constructor); `check_direct` bounds every source read (the
         // largest tap plus the positions rounded up to LANES) and the output plane.
         unsafe { run_direct_avx512(prog, oc, src, geom, out) }
+    }
+
+    fn split_phases(&self, input: &[u8], geom: PhaseSplit, phases: &mut [u8]) {
+        split_phases_with(self, input, geom, phases);
+    }
+}
+
+/// Masked 64-byte moves instead of `memcpy` calls: a conv's rows are short (10 to 160 bytes).
+impl RowCopy for Avx512bwKernel {
+    fn copy(&self, src: &[u8], dst: &mut [u8]) {
+        assert_eq!(src.len(), dst.len());
+        // SAFETY: the features exist (constructor); the lengths are equal.
+        unsafe { copy_row_avx512(src, dst) }
+    }
+
+    fn deinterleave(&self, src: &[u8], even: &mut [u8], odd: &mut [u8]) {
+        assert!(even.len() == src.len().div_ceil(2) && odd.len() == src.len() / 2);
+        // SAFETY: the features exist (constructor); the lengths are as the callee needs.
+        unsafe { deinterleave_row_avx512(src, even, odd) }
+    }
+}
+
+/// The mask of the first `n.min(64)` byte lanes.
+fn lanes_mask(n: usize) -> u64 {
+    if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }
+}
+
+/// `dst = src`; the caller guarantees equal lengths.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn copy_row_avx512(src: &[u8], dst: &mut [u8]) {
+    let n = src.len();
+    for i in (0..n).step_by(64) {
+        let m = lanes_mask(n - i);
+        // SAFETY: i < n, and the masks admit only lanes i .. min(i + 64, n) of both slices;
+        // masked-off lanes are not accessed.
+        unsafe {
+            let v = _mm512_maskz_loadu_epi8(m, src.as_ptr().add(i).cast());
+            _mm512_mask_storeu_epi8(dst.as_mut_ptr().add(i).cast(), m, v);
+        }
+    }
+}
+
+/// `even[i] = src[2i]`, `odd[i] = src[2i + 1]`; the caller guarantees `even.len() == ceil(n / 2)`
+/// and `odd.len() == n / 2`.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn deinterleave_row_avx512(src: &[u8], even: &mut [u8], odd: &mut [u8]) {
+    let n = src.len();
+    let low = _mm512_set1_epi16(0xff);
+    // packus interleaves per 128-bit lane: qword 2L holds lane L of the first source, 2L + 1 of
+    // the second.
+    let order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+    for i in (0..n).step_by(128) {
+        let (ma, mb) = (lanes_mask(n - i), lanes_mask((n - i).saturating_sub(64)));
+        let h = i / 2;
+        // SAFETY: the loads touch only src lanes i .. min(i + 128, n) (the second pointer is
+        // formed with wrapping arithmetic and its mask is empty when it would pass the end); the
+        // stores only even lanes h .. min(h + 64, even.len()) and odd lanes h .. min(h + 64,
+        // odd.len()), where h <= odd.len() <= even.len() because i < n.
+        unsafe {
+            let p = src.as_ptr().add(i);
+            let a = _mm512_maskz_loadu_epi8(ma, p.cast());
+            let b = _mm512_maskz_loadu_epi8(mb, p.wrapping_add(64).cast());
+            let ev = _mm512_packus_epi16(_mm512_and_si512(a, low), _mm512_and_si512(b, low));
+            let od = _mm512_packus_epi16(_mm512_srli_epi16::<8>(a), _mm512_srli_epi16::<8>(b));
+            let me = lanes_mask(even.len() - h);
+            let mo = lanes_mask(odd.len() - h);
+            _mm512_mask_storeu_epi8(
+                even.as_mut_ptr().add(h).cast(),
+                me,
+                _mm512_permutexvar_epi64(order, ev),
+            );
+            _mm512_mask_storeu_epi8(
+                odd.as_mut_ptr().add(h).cast(),
+                mo,
+                _mm512_permutexvar_epi64(order, od),
+            );
+        }
     }
 }
 
