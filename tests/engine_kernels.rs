@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use lbw::engine::Backend;
 use lbw::engine::kernels::{
-    Activation, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES, PhaseSplit, PlaneOut,
-    ShiftAddKernel, TileOut, available_kernels, select_kernel, store_flat,
+    Activation, BinaryOp, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES, PhaseSplit,
+    PlaneOut, ShiftAddKernel, TileOut, available_kernels, select_kernel, store_flat,
 };
 use lbw::engine::quant_params::{ActivationScales, QParams};
 use lbw::engine::shift_add::{EngineOptions, ShiftAddEngine, fake_quant_simulation};
@@ -279,6 +279,47 @@ proptest! {
         prop_assert_eq!(want.iter().filter(|&&v| v != 7).count(), input.iter().filter(|&&v| v != 7).count());
         for k in available_kernels() {
             prop_assert_eq!(&split(k.as_ref()), &want, "kernel {}", k.name());
+        }
+    }
+
+    /// Element-wise add and multiply of two `u8` tensors on three grids: every kernel gives the
+    /// bytes of dequantize-op-requantize in f32 (the FP32 simulation's arithmetic), saturated
+    /// codes and grids much finer or coarser than the operands' included.
+    #[test]
+    fn kernels_match_the_simulation_on_binary_ops(
+        seed in any::<u64>(),
+        n in 0usize..700,
+        mul in any::<bool>(),
+        extreme in any::<bool>(),
+        ranges in proptest::array::uniform6(-8.0f32..8.0),
+    ) {
+        let mut rng = Lcg(seed);
+        let grid = |lo: f32, hi: f32| QParams::from_range(lo.min(hi), lo.max(hi));
+        let grids = [
+            grid(ranges[0], ranges[1]),
+            grid(ranges[2], ranges[3]),
+            grid(ranges[4] / 4.0, ranges[5] / 4.0),
+        ];
+        let [pa, pb, po] = grids;
+        let codes = |rng: &mut Lcg| -> Vec<u8> {
+            (0..n)
+                .map(|_| if extreme { 255 * rng.below(2) as u8 } else { rng.below(256) as u8 })
+                .collect()
+        };
+        let (a, b) = (codes(&mut rng), codes(&mut rng));
+        let op = if mul { BinaryOp::Mul } else { BinaryOp::Add };
+        let want: Vec<u8> = a
+            .iter()
+            .zip(&b)
+            .map(|(&x, &y)| {
+                let (u, v) = (pa.dequantize(x), pb.dequantize(y));
+                po.quantize(if mul { u * v } else { u + v })
+            })
+            .collect();
+        for k in available_kernels() {
+            let mut got = vec![7u8; n];
+            k.binary_u8(&a, &b, grids, op, &mut got);
+            prop_assert_eq!(&got, &want, "kernel {}", k.name());
         }
     }
 

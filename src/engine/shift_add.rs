@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::engine::Backend;
 use crate::engine::kernels::{
-    self, Activation, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES, PhaseSplit,
-    PlaneOut, ShiftAddKernel, TileOut, store_flat,
+    self, Activation, BinaryOp, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES,
+    PhaseSplit, PlaneOut, ShiftAddKernel, TileOut, store_flat,
 };
 use crate::engine::quant_params::{ActivationScales, QParams};
 use crate::engine::reference::{ReferenceInterpreter, eval_node};
@@ -897,27 +897,6 @@ fn unary_table(graph: &Graph, node: &Node, input: QParams, out: QParams) -> Resu
     Ok(t)
 }
 
-/// `out = po.quantize(op(pa.dequantize(a), pb.dequantize(b)))`, the FP32 simulation's arithmetic
-/// exactly, in a shape the compiler vectorises (branch-free, fixed-size chunks).
-fn binary_u8(a: &[u8], b: &[u8], pa: QParams, pb: QParams, po: QParams, mul: bool, out: &mut [u8]) {
-    const C: usize = 32;
-    let n = out.len();
-    let main = n - n % C;
-    let op = |u: f32, v: f32| if mul { u * v } else { u + v };
-    for ((o, a), b) in out[..main]
-        .chunks_exact_mut(C)
-        .zip(a[..main].chunks_exact(C))
-        .zip(b[..main].chunks_exact(C))
-    {
-        for i in 0..C {
-            o[i] = po.quantize(op(pa.dequantize(a[i]), pb.dequantize(b[i])));
-        }
-    }
-    for i in main..n {
-        out[i] = po.quantize(op(pa.dequantize(a[i]), pb.dequantize(b[i])));
-    }
-}
-
 /// `out = po.quantize(pi.dequantize(x))` through a 256-entry table.
 fn requantize_u8(x: &[u8], pi: QParams, po: QParams, out: &mut [u8]) {
     let mut table = [0u8; 256];
@@ -1091,9 +1070,13 @@ impl ShiftAddEngine {
                 let (xb, pb) = self.u8_input(values, *b);
                 let (xa, xb) = (&xa[..n_out], &xb[..n_out]);
                 match (&mut out, self.storage[out_slot]) {
-                    (Value::U8 { data, .. }, Storage::U8(po)) => {
-                        binary_u8(xa, xb, pa, pb, po, *mul, &mut data[..n_out])
-                    }
+                    (Value::U8 { data, .. }, Storage::U8(po)) => self.kernel.binary_u8(
+                        xa,
+                        xb,
+                        [pa, pb, po],
+                        if *mul { BinaryOp::Mul } else { BinaryOp::Add },
+                        &mut data[..n_out],
+                    ),
                     (Value::F32(t), _) => {
                         for ((d, &qa), &qb) in t.data.iter_mut().zip(xa).zip(xb) {
                             let (u, v) = (pa.dequantize(qa), pb.dequantize(qb));

@@ -59,6 +59,7 @@ pub mod x86_64;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::engine::quant_params::QParams;
 use crate::error::{Error, Result};
 use crate::quant::Code;
 
@@ -595,6 +596,13 @@ pub(crate) fn split_phases_with<R: RowCopy + ?Sized>(
     }
 }
 
+/// The element-wise op of [`ShiftAddKernel::binary_u8`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Mul,
+}
+
 /// A shift-add conv kernel family.
 ///
 /// # Safety
@@ -625,6 +633,13 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
     /// already filled with the zero point).
     fn split_phases(&self, input: &[u8], geom: PhaseSplit, phases: &mut [u8]) {
         split_phases_with(&PortableRows, input, geom, phases);
+    }
+
+    /// `out[i] = po.quantize(op(pa.dequantize(a[i]), pb.dequantize(b[i])))` for `[pa, pb, po]`:
+    /// the FP32 simulation's arithmetic exactly (residual adds, SiLU's multiply). Panics unless
+    /// `a`, `b` and `out` have the same length.
+    fn binary_u8(&self, a: &[u8], b: &[u8], grids: [QParams; 3], op: BinaryOp, out: &mut [u8]) {
+        scalar::binary_u8(a, b, grids, op, out);
     }
 
     /// Runs output channel `oc` of a direct program over every flat position of `geom`, reading

@@ -4,11 +4,11 @@
 //! nothing here depends on it). 16-bit arithmetic wraps like the SIMD instructions, although the
 //! schedule's bound means it never actually overflows.
 
-use crate::engine::quant_params::round_half_even_small;
+use crate::engine::quant_params::{QParams, round_half_even_small};
 
 use super::{
-    Activation, ConvProgram, FlatGeometry, LANES, OutputKind, PlaneOut, ShiftAddKernel, TileOut,
-    check_direct, store_flat,
+    Activation, BinaryOp, ConvProgram, FlatGeometry, LANES, OutputKind, PlaneOut, ShiftAddKernel,
+    TileOut, check_direct, store_flat,
 };
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -92,6 +92,35 @@ pub(crate) fn direct_acc(prog: &ConvProgram, oc: usize, src: &[u8], base: usize)
         }
     }
     acc
+}
+
+/// The portable [`ShiftAddKernel::binary_u8`], in a shape the compiler vectorises (branch-free,
+/// fixed-size chunks).
+pub(crate) fn binary_u8(a: &[u8], b: &[u8], grids: [QParams; 3], op: BinaryOp, out: &mut [u8]) {
+    const C: usize = 32;
+    assert!(
+        a.len() == out.len() && b.len() == out.len(),
+        "operand lengths"
+    );
+    let [pa, pb, po] = grids;
+    let n = out.len();
+    let main = n - n % C;
+    let op = |u: f32, v: f32| match op {
+        BinaryOp::Add => u + v,
+        BinaryOp::Mul => u * v,
+    };
+    for ((o, a), b) in out[..main]
+        .chunks_exact_mut(C)
+        .zip(a[..main].chunks_exact(C))
+        .zip(b[..main].chunks_exact(C))
+    {
+        for i in 0..C {
+            o[i] = po.quantize(op(pa.dequantize(a[i]), pb.dequantize(b[i])));
+        }
+    }
+    for i in main..n {
+        out[i] = po.quantize(op(pa.dequantize(a[i]), pb.dequantize(b[i])));
+    }
 }
 
 // SAFETY: plain Rust, runs everywhere.

@@ -18,9 +18,11 @@
 
 use std::arch::x86_64::*;
 
+use crate::engine::quant_params::QParams;
+
 use super::{
-    Activation, ConvProgram, FlatGeometry, LANES, OutputKind, PhaseSplit, PlaneOut, RowCopy,
-    Segment, ShiftAddKernel, TileOut, check_direct, split_phases_with, store_flat,
+    Activation, BinaryOp, ConvProgram, FlatGeometry, LANES, OutputKind, PhaseSplit, PlaneOut,
+    RowCopy, Segment, ShiftAddKernel, TileOut, check_direct, split_phases_with, store_flat,
 };
 
 /// Bytes between tile rows.
@@ -116,6 +118,17 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
 
     fn split_phases(&self, input: &[u8], geom: PhaseSplit, phases: &mut [u8]) {
         split_phases_with(self, input, geom, phases);
+    }
+
+    fn binary_u8(&self, a: &[u8], b: &[u8], grids: [QParams; 3], op: BinaryOp, out: &mut [u8]) {
+        assert!(
+            a.len() == out.len() && b.len() == out.len(),
+            "operand lengths"
+        );
+        let main = out.len() - out.len() % 64;
+        // SAFETY: the features exist (constructor); all three slices hold `main` bytes.
+        unsafe { binary_u8_avx512(&a[..main], &b[..main], grids, op, &mut out[..main]) };
+        super::scalar::binary_u8(&a[main..], &b[main..], grids, op, &mut out[main..]);
     }
 }
 
@@ -324,10 +337,18 @@ unsafe fn run_channels_avx512(
 /// Requantizes 64 lanes (four vectors of 16 `i32`) to `u8` codes in lane order.
 #[target_feature(enable = "avx512f,avx512bw")]
 fn codes_avx512(acc: &[__m512i], m: __m512, a: __m512, act: Activation, zp16: __m512i) -> __m512i {
-    let hi = _mm512_set1_ps(1024.0);
-    let r: [__m512i; 4] = std::array::from_fn(|j| {
+    let t: [__m512; 4] = std::array::from_fn(|j| {
         // SAFETY: features enabled by the enclosing target_feature.
-        let t = unsafe { epilogue_avx512(acc[j], m, a, act) };
+        unsafe { epilogue_avx512(acc[j], m, a, act) }
+    });
+    round_pack_avx512(t, zp16)
+}
+
+/// `clamp(round_half_even(clamp(t, -1024, 1024)) + zp, 0, 255)` of 64 lanes, in lane order.
+#[target_feature(enable = "avx512f,avx512bw")]
+fn round_pack_avx512(t: [__m512; 4], zp16: __m512i) -> __m512i {
+    let hi = _mm512_set1_ps(1024.0);
+    let r = t.map(|t| {
         _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_min_ps(t, hi),
         )
@@ -337,6 +358,58 @@ fn codes_avx512(acc: &[__m512i], m: __m512, a: __m512, act: Activation, zp16: __
     // The packs work per 128-bit lane: dword `4 * lane + j` holds positions `16 * j + 4 * lane..`.
     let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     _mm512_permutexvar_epi32(order, _mm512_packus_epi16(p01, p23))
+}
+
+/// [`ShiftAddKernel::binary_u8`] on whole blocks of 64; the caller guarantees that all three
+/// slices have the same length, a multiple of 64.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn binary_u8_avx512(a: &[u8], b: &[u8], grids: [QParams; 3], op: BinaryOp, out: &mut [u8]) {
+    let [pa, pb, po] = grids;
+    // The same f32 operations in the same order as `QParams::dequantize` and `quantize` (the
+    // reciprocal included), so every lane rounds as the portable code does.
+    let dequant = |p: QParams| {
+        (
+            _mm512_set1_ps(f32::from(p.zero_point)),
+            _mm512_set1_ps(p.scale),
+        )
+    };
+    let ((za, sa), (zb, sb)) = (dequant(pa), dequant(pb));
+    let inv = _mm512_set1_ps(1.0 / po.scale);
+    let zp16 = _mm512_set1_epi16(i16::from(po.zero_point));
+    for ((o, a), b) in out
+        .chunks_exact_mut(64)
+        .zip(a.chunks_exact(64))
+        .zip(b.chunks_exact(64))
+    {
+        // SAFETY: each chunk holds 64 bytes.
+        let (va, vb) = unsafe {
+            (
+                _mm512_loadu_si512(a.as_ptr().cast()),
+                _mm512_loadu_si512(b.as_ptr().cast()),
+            )
+        };
+        let quarter = |v: __m512i, j: usize| {
+            let q = match j {
+                0 => _mm512_extracti32x4_epi32::<0>(v),
+                1 => _mm512_extracti32x4_epi32::<1>(v),
+                2 => _mm512_extracti32x4_epi32::<2>(v),
+                _ => _mm512_extracti32x4_epi32::<3>(v),
+            };
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q))
+        };
+        let t: [__m512; 4] = std::array::from_fn(|j| {
+            let u = _mm512_mul_ps(_mm512_sub_ps(quarter(va, j), za), sa);
+            let v = _mm512_mul_ps(_mm512_sub_ps(quarter(vb, j), zb), sb);
+            let x = match op {
+                BinaryOp::Add => _mm512_add_ps(u, v),
+                BinaryOp::Mul => _mm512_mul_ps(u, v),
+            };
+            _mm512_mul_ps(x, inv)
+        });
+        let codes = round_pack_avx512(t, zp16);
+        // SAFETY: the chunk holds 64 bytes.
+        unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), codes) };
+    }
 }
 
 /// The output row the next flat position falls in.
