@@ -129,6 +129,28 @@ fn bad_input_is_a_message_and_a_non_zero_exit() {
     );
     let o = lbw(&["detect", "--no-such-flag"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let missing = lbw(&["detect", "/no/such/file.jpg"]);
+    let message = stderr(&missing);
+    assert_eq!(
+        message.matches("No such file").count(),
+        1,
+        "the io cause is said once: {message}"
+    );
+}
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    // `lbw eval --json | head -1`: the reader goes away before the report is written.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lbw"))
+        .args(["models", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run lbw");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]

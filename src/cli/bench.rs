@@ -221,9 +221,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         layers,
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report);
+        print_report(&report)?;
     }
     Ok(())
 }
@@ -279,8 +279,8 @@ fn layer_rows(
         .collect())
 }
 
-fn print_report(r: &BenchReport) {
-    println!(
+fn print_report(r: &BenchReport) -> anyhow::Result<()> {
+    out!(
         "{} {} on {} ({} kernel, {} thread{}), {} runs",
         r.model,
         r.variant,
@@ -290,23 +290,31 @@ fn print_report(r: &BenchReport) {
         if r.threads == 1 { "" } else { "s" },
         r.iters
     );
-    println!(
+    out!(
         "  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  mean {:.2}",
-        r.p50_ms, r.p90_ms, r.p99_ms, r.mean_ms
+        r.p50_ms,
+        r.p90_ms,
+        r.p99_ms,
+        r.mean_ms
     );
-    println!("  throughput: {:.1} images/s", r.throughput_ips);
-    println!("  weights: {} bytes", r.weight_bytes);
+    out!("  throughput: {:.1} images/s", r.throughput_ips);
+    out!("  weights: {} bytes", r.weight_bytes);
     if let Some(b) = r.peak_rss_bytes {
-        println!("  peak RSS: {:.1} MiB", b as f64 / (1 << 20) as f64);
+        out!("  peak RSS: {:.1} MiB", b as f64 / (1 << 20) as f64);
     }
-    println!("  cpu: {}", r.cpu);
+    out!("  cpu: {}", r.cpu);
     if let Some(rows) = &r.layers {
-        println!(
+        out!(
             "  {:<16} {:>5} {:>9} {:>14} {:>10} {:>9}",
-            "step kind", "steps", "ms", "lane adds", "adds/ns", "of limit"
+            "step kind",
+            "steps",
+            "ms",
+            "lane adds",
+            "adds/ns",
+            "of limit"
         );
         for row in rows {
-            println!(
+            out!(
                 "  {:<16} {:>5} {:>9.3} {:>14.0} {:>10.2} {:>9}",
                 row.kind,
                 row.steps,
@@ -318,6 +326,7 @@ fn print_report(r: &BenchReport) {
             );
         }
     }
+    Ok(())
 }
 
 /// VmHWM from /proc/self/status, in bytes (Linux only).

@@ -52,9 +52,9 @@ pub fn run(args: DetectArgs) -> anyhow::Result<()> {
     for path in &args.images {
         let result = detector.detect_file(path, &opts)?;
         if args.json {
-            println!("{}", serde_json::to_string(&result)?);
+            out!("{}", serde_json::to_string(&result)?);
         } else {
-            println!(
+            out!(
                 "{} ({}x{}): {} detections",
                 path.display(),
                 result.width,
@@ -62,9 +62,14 @@ pub fn run(args: DetectArgs) -> anyhow::Result<()> {
                 result.detections.len()
             );
             for d in &result.detections {
-                println!(
+                out!(
                     "  {:<14} {:.3}  [{:.1}, {:.1}, {:.1}, {:.1}]",
-                    d.label, d.score, d.bbox[0], d.bbox[1], d.bbox[2], d.bbox[3]
+                    d.label,
+                    d.score,
+                    d.bbox[0],
+                    d.bbox[1],
+                    d.bbox[2],
+                    d.bbox[3]
                 );
             }
         }

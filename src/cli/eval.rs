@@ -159,9 +159,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             let dets = detections_for(images)?;
             let report = voc_map(&data.images, &dets, &options);
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                out!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", report.table());
+                out_raw!("{}", report.table());
             }
         }
         DataFormat::Coco => {
@@ -201,16 +201,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             let coco = coco_eval(&restricted, &dets);
             let voc = voc_map_on_coco(&data, &dets, &labels, &options);
             if args.json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(
                         &serde_json::json!({ "coco": coco, "voc_style": voc })
                     )?
                 );
             } else {
-                print!("{}", voc.table());
-                println!();
-                print!("{}", coco.table());
+                out_raw!("{}", voc.table());
+                out!();
+                out_raw!("{}", coco.table());
             }
         }
     }

@@ -143,6 +143,6 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             summary.checkpoint.display()
         ),
     }
-    println!("{}", serde_json::to_string(&summary)?);
+    out!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }

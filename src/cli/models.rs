@@ -28,7 +28,7 @@ pub fn run_list(args: ModelsArgs) -> anyhow::Result<()> {
             "classes": m.labels.len(), "license": m.license, "status": status,
         }));
         if !args.json {
-            println!(
+            out!(
                 "{:<28} {:<8} {}x{}  {}",
                 m.id,
                 format!("{:?}", m.format).to_lowercase(),
@@ -39,7 +39,7 @@ pub fn run_list(args: ModelsArgs) -> anyhow::Result<()> {
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        out!("{}", serde_json::to_string_pretty(&rows)?);
     }
     Ok(())
 }

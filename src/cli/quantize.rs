@@ -62,11 +62,16 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
     file.write(&args.output)?;
     let r = &quantized.report;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(r)?);
+        out!("{}", serde_json::to_string_pretty(r)?);
     } else {
-        println!(
+        out!(
             "{:<28} {:<12} {:>14} {:>9} {:>8} {:>9}",
-            "layer", "kind", "shape", "rel.err", "zeros", "bytes"
+            "layer",
+            "kind",
+            "shape",
+            "rel.err",
+            "zeros",
+            "bytes"
         );
         for l in &r.layers {
             let shape = l
@@ -83,7 +88,7 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
             } else {
                 ("fp32".to_string(), "-".to_string())
             };
-            println!(
+            out!(
                 "{:<28} {:<12} {:>14} {:>9} {:>8} {:>9}",
                 l.layer,
                 l.kind.to_string(),
@@ -93,9 +98,13 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
                 l.packed_bytes
             );
         }
-        println!(
+        out!(
             "{} layers quantized, {} kept; conv weights {} B FP32 -> {} B packed ({:.2}x smaller)",
-            r.quantized_layers, r.kept_layers, r.fp32_bytes, r.packed_bytes, r.compression_ratio
+            r.quantized_layers,
+            r.kept_layers,
+            r.fp32_bytes,
+            r.packed_bytes,
+            r.compression_ratio
         );
     }
     eprintln!("wrote {}", args.output.display());
@@ -144,9 +153,9 @@ pub fn run_tensor(args: QuantizeTensorArgs) -> anyhow::Result<()> {
         };
         let mut v = serde_json::to_value(&r)?;
         v["alpha"] = alpha;
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
+        out!(
             "{} weights, {} bits, {}: objective {:.6e}, relative error {:.4}, zeros {:.3}, {} B packed",
             t.data.len(),
             r.bits,
