@@ -84,7 +84,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     let mut cfg = FinetuneConfig::new(&args.model, bits, args.images, args.output);
     cfg.method = args.quantizer.method;
     cfg.param = args.quantizer.param;
-    cfg.per_channel = args.quantizer.per_channel;
+    cfg.per_channel = args.quantizer.per_channel();
     cfg.keep_full_precision = args.keep;
     cfg.steps = args.steps;
     cfg.epochs = args.epochs;

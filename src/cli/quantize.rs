@@ -20,9 +20,22 @@ pub struct QuantizerArgs {
     /// The free parameter of the lbw rule (default: the rule's per-bit-width default).
     #[arg(long)]
     pub param: Option<f32>,
-    /// One alpha per output channel instead of one per layer.
-    #[arg(long)]
+    /// One alpha per output channel (the default; kept for explicit commands).
+    #[arg(long, conflicts_with = "per_tensor")]
     pub per_channel: bool,
+    /// One alpha per layer instead of one per output channel (lower accuracy: a layer's channels
+    /// differ in scale by up to 100x once BatchNorm is folded).
+    #[arg(long)]
+    pub per_tensor: bool,
+}
+
+impl QuantizerArgs {
+    /// Per-channel alphas unless `--per-tensor`: lower weight error after rounding, a lower
+    /// distillation loss when retraining (docs/TRAINING.md), and the engine's post-training
+    /// default.
+    pub fn per_channel(&self) -> bool {
+        !self.per_tensor
+    }
 }
 
 #[derive(Debug, Args)]
@@ -50,7 +63,7 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
         bits: Bits::new(q.bits)?,
         method: q.method,
         param: q.param,
-        per_channel: q.per_channel,
+        per_channel: q.per_channel(),
         keep_full_precision: args.keep_fp.clone(),
     };
     let quantized = quantize_graph(&model.graph, &options)?;

@@ -136,7 +136,7 @@ impl FinetuneConfig {
             bits,
             method: Method::Lbw,
             param: None,
-            per_channel: false,
+            per_channel: true,
             keep_full_precision: vec![],
             image_dirs,
             steps: None,
