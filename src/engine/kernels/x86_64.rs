@@ -286,34 +286,20 @@ unsafe fn run_channels_avx512(
     out: TileOut<'_>,
 ) {
     let tp = tile.as_ptr();
-    let lo = _mm512_set1_ps(-1024.0);
-    let hi = _mm512_set1_ps(1024.0);
     match out {
         TileOut::U8(out) => {
             let OutputKind::U8 { zero_point } = prog.out else {
                 panic!("u8 output for an f32 conv")
             };
-            let zp = _mm512_set1_epi32(i32::from(zero_point));
-            let zero = _mm512_setzero_si512();
+            let zp16 = _mm512_set1_epi16(i16::from(zero_point));
             for i in 0..n {
                 let oc = first_oc + i;
                 // SAFETY: bounds checked by the caller (see `run_channels`).
                 let acc = unsafe { channel_acc_avx512(prog, oc, tp) };
                 let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
-                for (j, &v) in acc.iter().enumerate() {
-                    // SAFETY: features enabled by the enclosing target_feature.
-                    let t = unsafe { epilogue_avx512(v, m, a, prog.act) };
-                    let t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
-                    let r = _mm512_cvt_roundps_epi32::<
-                        { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
-                    >(t);
-                    let r = _mm512_max_epi32(_mm512_add_epi32(r, zp), zero);
-                    let bytes = _mm512_cvtusepi32_epi8(r);
-                    // SAFETY: out holds n rows of LANES (checked); j * 16 + 16 <= LANES.
-                    unsafe {
-                        _mm_storeu_si128(out.as_mut_ptr().add(i * LANES + j * 16).cast(), bytes)
-                    };
-                }
+                let bytes = codes_avx512(&acc, m, a, prog.act, zp16);
+                // SAFETY: out holds n rows of LANES (checked).
+                unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(i * LANES).cast(), bytes) };
             }
         }
         TileOut::F32(out) => {
