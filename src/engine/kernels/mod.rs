@@ -479,7 +479,15 @@ impl FlatGeometry {
 pub fn store_flat<T: Copy>(lanes: &[T], f0: usize, geom: FlatGeometry, out: &mut [T]) {
     let end = (f0 + lanes.len()).min(geom.positions);
     if geom.pitch == geom.width {
-        out[f0..end].copy_from_slice(&lanes[..end - f0]);
+        // A whole tile as a fixed-size copy: inline moves rather than a `memcpy` call per channel.
+        if let (Ok(d), Ok(s)) = (
+            <&mut [T; LANES]>::try_from(&mut out[f0..end]),
+            <&[T; LANES]>::try_from(&lanes[..end - f0]),
+        ) {
+            *d = *s;
+        } else {
+            out[f0..end].copy_from_slice(&lanes[..end - f0]);
+        }
         return;
     }
     let mut f = f0;
@@ -540,6 +548,7 @@ impl RowCopy for PortableRows {
 /// with the zero point), shifted by the top and left padding: phase `(py, px)` holds padded rows
 /// `py, py + sy, ..` and columns `px, px + sx, ..`, so padded column `c * sx + px` is input column
 /// `c * sx + px - pad_left`.
+#[inline]
 pub(crate) fn split_phases_with<R: RowCopy + ?Sized>(
     rows: &R,
     input: &[u8],

@@ -117,7 +117,8 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
     }
 
     fn split_phases(&self, input: &[u8], geom: PhaseSplit, phases: &mut [u8]) {
-        split_phases_with(self, input, geom, phases);
+        // SAFETY: the features exist (constructor); the callee only does safe slicing.
+        unsafe { split_phases_avx512(self, input, geom, phases) }
     }
 
     fn binary_u8(&self, a: &[u8], b: &[u8], grids: [QParams; 3], op: BinaryOp, out: &mut [u8]) {
@@ -134,17 +135,31 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
 
 /// Masked 64-byte moves instead of `memcpy` calls: a conv's rows are short (10 to 160 bytes).
 impl RowCopy for Avx512bwKernel {
+    #[inline]
     fn copy(&self, src: &[u8], dst: &mut [u8]) {
         assert_eq!(src.len(), dst.len());
         // SAFETY: the features exist (constructor); the lengths are equal.
         unsafe { copy_row_avx512(src, dst) }
     }
 
+    #[inline]
     fn deinterleave(&self, src: &[u8], even: &mut [u8], odd: &mut [u8]) {
         assert!(even.len() == src.len().div_ceil(2) && odd.len() == src.len() / 2);
         // SAFETY: the features exist (constructor); the lengths are as the callee needs.
         unsafe { deinterleave_row_avx512(src, even, odd) }
     }
+}
+
+/// The portable row loop compiled with the row copies inlined into it (a target_feature function
+/// inlines only into callers with the same features).
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn split_phases_avx512(
+    k: &Avx512bwKernel,
+    input: &[u8],
+    geom: PhaseSplit,
+    phases: &mut [u8],
+) {
+    split_phases_with(k, input, geom, phases);
 }
 
 /// The mask of the first `n.min(64)` byte lanes.
