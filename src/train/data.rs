@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::model::manifest::InputSpec;
 use crate::train::rng::SplitMix64;
 
-const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "webp", "gif", "jfif"];
+pub(crate) const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "bmp", "webp", "gif", "jfif"];
 
 /// The image files found under the training folders, sorted (so the order, and with a seed the
 /// whole run, does not depend on the file system's directory order).
@@ -137,8 +137,74 @@ pub fn augmented_input(
     aug: &Augment,
     rng: &mut SplitMix64,
 ) -> Vec<f32> {
+    augmented_sample(img, spec, aug, rng).0
+}
+
+/// Where a photo's pixels land in the training input made by [`augmented_sample`]: per axis
+/// `input = scale * photo + offset` (a negative x scale is the flip), and the picture covers
+/// `[0, content[0]] x [0, content[1]]` of the input (less than all of it under letterbox).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleGeometry {
+    pub scale: [f64; 2],
+    pub offset: [f64; 2],
+    pub content: [f64; 2],
+}
+
+/// A label box keeps at least this fraction of its area after the crop, or it is dropped: a box
+/// mostly cut away shows too little of the object to name it, and calling a fragment an object
+/// would teach the net to fire on fragments (false positives the teacher does not make).
+pub const MIN_VISIBLE_FRACTION: f64 = 0.25;
+/// A label box narrower or lower than this many input pixels is dropped: the resize has blurred
+/// such an object into one or two pixels, so there is nothing left to detect, and its log-size
+/// target (`ln(2 / 26)` for the smallest anchor) is far outside anything the heads produce.
+pub const MIN_BOX_SIDE: f64 = 2.0;
+
+impl SampleGeometry {
+    /// A box `[x1, y1, x2, y2]` in photo pixels mapped to input pixels (not clipped).
+    pub fn map_box(&self, b: [f64; 4]) -> [f64; 4] {
+        let x = [
+            b[0] * self.scale[0] + self.offset[0],
+            b[2] * self.scale[0] + self.offset[0],
+        ];
+        let y = [
+            b[1] * self.scale[1] + self.offset[1],
+            b[3] * self.scale[1] + self.offset[1],
+        ];
+        [
+            x[0].min(x[1]),
+            y[0].min(y[1]),
+            x[0].max(x[1]),
+            y[0].max(y[1]),
+        ]
+    }
+
+    /// A label box as a training target in input pixels: mapped, clipped to the picture, and
+    /// `None` when too little of it is left ([`MIN_VISIBLE_FRACTION`], [`MIN_BOX_SIDE`]).
+    pub fn target_box(&self, b: [f64; 4]) -> Option<[f64; 4]> {
+        let m = self.map_box(b);
+        let full = (m[2] - m[0]) * (m[3] - m[1]);
+        let c = [
+            m[0].max(0.0),
+            m[1].max(0.0),
+            m[2].min(self.content[0]),
+            m[3].min(self.content[1]),
+        ];
+        let (w, h) = (c[2] - c[0], c[3] - c[1]);
+        let keep = w >= MIN_BOX_SIDE && h >= MIN_BOX_SIDE && w * h >= MIN_VISIBLE_FRACTION * full;
+        keep.then_some(c)
+    }
+}
+
+/// [`augmented_input`] with the geometry of the crop, flip and resize, so that label boxes can
+/// follow the pixels. The random draws are the same, so a sample is the same image either way.
+pub fn augmented_sample(
+    img: &RgbImage,
+    spec: &InputSpec,
+    aug: &Augment,
+    rng: &mut SplitMix64,
+) -> (Vec<f32>, SampleGeometry) {
     let (w, h) = img.dimensions();
-    let mut view = if aug.min_crop_area < 1.0 && w > 8 && h > 8 {
+    let (crop, mut view) = if aug.min_crop_area < 1.0 && w > 8 && h > 8 {
         let area = rng.uniform(aug.min_crop_area, 1.0) * f64::from(w) * f64::from(h);
         let log_aspect = rng.uniform(-aug.max_aspect.ln(), aug.max_aspect.ln());
         let aspect = log_aspect.exp();
@@ -148,11 +214,12 @@ pub fn augmented_input(
         let y0 = rng.below((h - ch + 1) as usize) as u32;
         // Shrink to about the network size first: jitter then touches far fewer pixels.
         let crop = imageops::crop_imm(img, x0, y0, cw, ch).to_image();
-        shrink_to(&crop, spec)
+        ([x0, y0, cw, ch], shrink_to(&crop, spec))
     } else {
-        shrink_to(img, spec)
+        ([0, 0, w, h], shrink_to(img, spec))
     };
-    if aug.flip && rng.unit() < 0.5 {
+    let flip = aug.flip && rng.unit() < 0.5;
+    if flip {
         imageops::flip_horizontal_in_place(&mut view);
     }
     if aug.jitter > 0.0 {
@@ -161,8 +228,33 @@ pub fn augmented_input(
         let s = rng.uniform(1.0 - aug.jitter, 1.0 + aug.jitter) as f32;
         colour_jitter(&mut view, b, c, s);
     }
-    let (tensor, _) = preprocess(&view, spec);
-    tensor.data
+    let (vw, vh) = view.dimensions();
+    let (tensor, to_image) = preprocess(&view, spec);
+    // Resizes map the whole extent onto the whole extent, so each stage is a scale; the last one
+    // is the inverse of the detector's own mapping back to the image (under letterbox that is
+    // within a pixel of the truncated resized size, which is what inference decodes with).
+    let k = [
+        1.0 / f64::from(to_image.scale_x),
+        1.0 / f64::from(to_image.scale_y),
+    ];
+    let content = [f64::from(vw) * k[0], f64::from(vh) * k[1]];
+    let sx = content[0] / f64::from(crop[2]);
+    let sy = content[1] / f64::from(crop[3]);
+    let (x0, y0) = (f64::from(crop[0]), f64::from(crop[1]));
+    let geometry = if flip {
+        SampleGeometry {
+            scale: [-sx, sy],
+            offset: [content[0] + x0 * sx, -y0 * sy],
+            content,
+        }
+    } else {
+        SampleGeometry {
+            scale: [sx, sy],
+            offset: [-x0 * sx, -y0 * sy],
+            content,
+        }
+    };
+    (tensor.data, geometry)
 }
 
 /// Resizes so that the image is no more than twice the network input on either side (keeping the
@@ -237,5 +329,99 @@ mod tests {
             .to_string();
         assert!(e.contains("does not exist"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The bounding box of the bright pixels of channel 0 in a `[3, H, W]` input.
+    fn bright_box(x: &[f32], w: usize, h: usize) -> [f64; 4] {
+        let mut b = [f64::MAX, f64::MAX, f64::MIN, f64::MIN];
+        for y in 0..h {
+            for xx in 0..w {
+                if x[y * w + xx] > 0.5 {
+                    b = [
+                        b[0].min(xx as f64),
+                        b[1].min(y as f64),
+                        b[2].max(xx as f64 + 1.0),
+                        b[3].max(y as f64 + 1.0),
+                    ];
+                }
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn label_boxes_follow_crop_flip_and_resize() {
+        // A white rectangle on black: after augmentation the white pixels must sit where the
+        // geometry puts the rectangle's box.
+        let rect = [60.0, 30.0, 120.0, 80.0];
+        let img = RgbImage::from_fn(200, 120, |x, y| {
+            let inside = (60..120).contains(&x) && (30..80).contains(&y);
+            image::Rgb(if inside { [255; 3] } else { [0; 3] })
+        });
+        let aug = Augment {
+            jitter: 0.0,
+            ..Augment::default()
+        };
+        for resize in [ResizeMode::Stretch, ResizeMode::Letterbox] {
+            let spec = InputSpec {
+                width: 64,
+                height: 64,
+                resize,
+                ..spec()
+            };
+            let mut flipped_and_cropped = 0;
+            for seed in 0..40 {
+                let (x, g) = augmented_sample(&img, &spec, &aug, &mut SplitMix64::new(seed));
+                let Some(want) = g.target_box(rect) else {
+                    continue;
+                };
+                if g.scale[0] < 0.0 && g.scale[0].abs() > 64.0 / 200.0 * 1.01 {
+                    flipped_and_cropped += 1;
+                }
+                let got = bright_box(&x, 64, 64);
+                for k in 0..4 {
+                    assert!(
+                        (got[k] - want[k]).abs() <= 1.25,
+                        "{resize:?} seed {seed}: white pixels at {got:?}, geometry says {want:?}"
+                    );
+                }
+            }
+            assert!(flipped_and_cropped > 3, "{resize:?}: too few flipped crops");
+        }
+        // No augmentation: a plain stretch.
+        let (_, g) = augmented_sample(&img, &spec(), &Augment::none(), &mut SplitMix64::new(0));
+        let m = g.map_box(rect);
+        let want = [
+            60.0 * 0.16,
+            30.0 * 32.0 / 120.0,
+            120.0 * 0.16,
+            80.0 * 32.0 / 120.0,
+        ];
+        for k in 0..4 {
+            assert!((m[k] - want[k]).abs() < 1e-4, "{m:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn cut_and_tiny_label_boxes_are_dropped() {
+        // Flipped 100-pixel picture at scale 1: x -> 100 - x.
+        let g = SampleGeometry {
+            scale: [-1.0, 1.0],
+            offset: [100.0, 0.0],
+            content: [100.0, 100.0],
+        };
+        assert_eq!(
+            g.target_box([10.0, 10.0, 30.0, 40.0]),
+            Some([70.0, 10.0, 90.0, 40.0])
+        );
+        // Half outside: clipped, kept.
+        assert_eq!(
+            g.target_box([-10.0, 0.0, 10.0, 20.0]),
+            Some([90.0, 0.0, 100.0, 20.0])
+        );
+        // 80 % outside: dropped.
+        assert_eq!(g.target_box([-40.0, 0.0, 10.0, 20.0]), None);
+        // Tiny: dropped.
+        assert_eq!(g.target_box([10.0, 10.0, 11.0, 40.0]), None);
     }
 }
