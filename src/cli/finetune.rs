@@ -25,8 +25,15 @@ pub struct FinetuneArgs {
     #[arg(long = "keep")]
     pub keep: Vec<String>,
     /// Folder of training photos (searched recursively, no labels needed); repeatable.
-    #[arg(long = "images", required = true)]
+    #[arg(long = "images", required_unless_present = "labels")]
     pub images: Vec<PathBuf>,
+    /// VOC folder (Annotations/*.xml beside JPEGImages/): its photos join the training set and
+    /// also get the YOLOv3 detection loss on their boxes (YOLOv3 models only); repeatable.
+    #[arg(long = "labels")]
+    pub labels: Vec<PathBuf>,
+    /// Weight of the labelled loss against the distillation loss.
+    #[arg(long, default_value_t = crate::train::yolo_loss::DEFAULT_LABEL_WEIGHT)]
+    pub label_weight: f64,
     /// Total optimiser steps [default: 3000, about 30 minutes for yolo-fastest-voc on 2 cores].
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<u64>,
@@ -86,6 +93,8 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     cfg.param = args.quantizer.param;
     cfg.per_channel = args.quantizer.per_channel();
     cfg.keep_full_precision = args.keep;
+    cfg.label_dirs = args.labels;
+    cfg.label_weight = args.label_weight;
     cfg.steps = args.steps;
     cfg.epochs = args.epochs;
     cfg.batch = args.batch;
@@ -117,8 +126,12 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             bar.set_position(r.step.saturating_sub(1));
             bar.reset_eta();
         }
+        let labelled = r
+            .loss
+            .labelled
+            .map_or(String::new(), |l| format!(" labelled {:.4}", l.total));
         bar.set_message(format!(
-            "loss {:.4} (obj {:.4} cls {:.4} box {:.4}), lr {:.2e}, {:.2} img/s",
+            "loss {:.4} (obj {:.4} cls {:.4} box {:.4}{labelled}), lr {:.2e}, {:.2} img/s",
             r.loss.total, r.loss.objectness, r.loss.class, r.loss.bbox, r.lr, r.images_per_s
         ));
         bar.set_position(r.step);

@@ -40,10 +40,36 @@ pub struct DistillLoss {
 /// Host values of the loss terms (already divided by the normaliser).
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LossParts {
+    /// What the step minimises: the distillation terms plus the weighted labelled loss.
     pub total: f64,
     pub objectness: f64,
     pub class: f64,
     pub bbox: f64,
+    /// The labelled detection loss (`--labels`), unweighted; absent when the batch had no
+    /// labelled photo, and in logs written before labels existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labelled: Option<LabelledParts>,
+}
+
+/// Host values of the labelled detection loss ([`crate::train::yolo_loss`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LabelledParts {
+    pub total: f64,
+    pub objectness: f64,
+    pub class: f64,
+    pub bbox: f64,
+    /// Labelled photos in the batch, and ground-truth boxes assigned to an anchor.
+    pub images: usize,
+    pub positives: usize,
+}
+
+impl DistillLoss {
+    /// Adds the labelled loss, weighted by `weight` (`--label-weight`).
+    pub fn add_labelled(&mut self, loss: Tensor<1>, parts: LabelledParts, weight: f64) {
+        self.total = self.total.clone() + loss * weight;
+        self.parts.total += weight * parts.total;
+        self.parts.labelled = Some(parts);
+    }
 }
 
 /// Relative weights of the YOLOv3 terms (see the module docs).
@@ -171,6 +197,7 @@ fn yolov3_loss(
             } else {
                 values[1]
             },
+            labelled: None,
         },
     })
 }

@@ -18,13 +18,16 @@
 pub mod checkpoint;
 pub mod data;
 pub mod distill;
+pub mod labels;
 pub mod net;
 pub mod optim;
 mod rng;
+pub mod yolo_loss;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
@@ -42,6 +45,7 @@ use crate::quant::{Bits, Method, QuantizedTensor, Quantizer, simulate_graph};
 use checkpoint::{Checkpoint, CheckpointHeader, ParamEntry};
 use data::{Augment, ImageSet};
 use distill::{LossParts, distill_loss};
+use labels::{LabelSet, PhotoLabels, TargetBox};
 use net::{ActivationQuant, ForwardWeights, TrainGraph, tensor_from, to_host};
 use optim::{AdamConfig, AdamState, Schedule, adam_step};
 use rng::SplitMix64;
@@ -102,6 +106,11 @@ pub struct FinetuneConfig {
     /// Convs left at full precision (node or weight names).
     pub keep_full_precision: Vec<String>,
     pub image_dirs: Vec<PathBuf>,
+    /// VOC folders (`Annotations/*.xml` beside `JPEGImages/`): their photos join the training set
+    /// and get the YOLOv3 detection loss on top of distillation ([`yolo_loss`]).
+    pub label_dirs: Vec<PathBuf>,
+    /// Weight of that loss against distillation ([`yolo_loss::DEFAULT_LABEL_WEIGHT`]).
+    pub label_weight: f64,
     /// Total optimiser steps; `None` with `epochs` unset means [`DEFAULT_STEPS`].
     pub steps: Option<u64>,
     /// Passes over the images (converted to steps); exclusive with `steps`.
@@ -139,6 +148,8 @@ impl FinetuneConfig {
             per_channel: true,
             keep_full_precision: vec![],
             image_dirs,
+            label_dirs: vec![],
+            label_weight: yolo_loss::DEFAULT_LABEL_WEIGHT,
             steps: None,
             epochs: None,
             batch: DEFAULT_BATCH,
@@ -418,6 +429,8 @@ fn plan_run(
 /// epoch `e = p / n`, augmented with a generator derived from `p`.
 struct BatchSource<'a> {
     images: &'a ImageSet,
+    /// Each image's label file, aligned with `images` (empty: no labels at all).
+    labels: &'a [Option<Arc<PhotoLabels>>],
     spec: InputSpec,
     augment: Augment,
     seed: u64,
@@ -427,9 +440,15 @@ const PURPOSE_ORDER: u64 = 1;
 const PURPOSE_AUGMENT: u64 = 2;
 const PURPOSE_CALIBRATION: u64 = 3;
 
+/// One batch: the input `[N, 3, H, W]` and each sample's label boxes in input pixels.
+struct Batch {
+    input: Vec<f32>,
+    targets: Vec<Option<Vec<TargetBox>>>,
+}
+
 impl BatchSource<'_> {
-    /// `[N, 3, H, W]` for samples `first .. first + n` of the stream `purpose`.
-    fn batch(&self, purpose: u64, first: u64, n: usize) -> Result<Vec<f32>> {
+    /// Samples `first .. first + n` of the stream `purpose`.
+    fn batch(&self, purpose: u64, first: u64, n: usize) -> Result<Batch> {
         let count = self.images.len() as u64;
         let mut perms: HashMap<u64, Vec<usize>> = HashMap::new();
         let picks: Vec<(u64, usize)> = (first..first + n as u64)
@@ -442,30 +461,43 @@ impl BatchSource<'_> {
                 (p, perm[(p % count) as usize])
             })
             .collect();
-        let samples: Vec<Vec<f32>> = picks
+        let samples: Vec<(Vec<f32>, Option<Vec<TargetBox>>)> = picks
             .par_iter()
             .map(|&(p, idx)| self.sample(purpose, p, idx))
             .collect::<Result<_>>()?;
-        Ok(samples.concat())
+        let (inputs, targets): (Vec<_>, Vec<_>) = samples.into_iter().unzip();
+        Ok(Batch {
+            input: inputs.concat(),
+            targets,
+        })
     }
 
-    fn sample(&self, purpose: u64, p: u64, idx: usize) -> Result<Vec<f32>> {
+    fn sample(
+        &self,
+        purpose: u64,
+        p: u64,
+        idx: usize,
+    ) -> Result<(Vec<f32>, Option<Vec<TargetBox>>)> {
         let n = self.images.len();
         let mut last_err = None;
         // An unreadable photo is skipped (with a warning) in favour of the next one, so one bad
         // file does not end an hour-long run; eight in a row is a real problem.
         for k in 0..8.min(n) {
-            let path = &self.images.paths[(idx + k) % n];
+            let i = (idx + k) % n;
+            let path = &self.images.paths[i];
             match data::load_image(path) {
                 Ok(img) => {
                     let mut rng =
                         SplitMix64::derive(self.seed, purpose * 1000 + PURPOSE_AUGMENT, p);
-                    return Ok(data::augmented_input(
-                        &img,
-                        &self.spec,
-                        &self.augment,
-                        &mut rng,
-                    ));
+                    let (x, geometry) =
+                        data::augmented_sample(&img, &self.spec, &self.augment, &mut rng);
+                    // The labels of the photo actually used (after a skip, not `idx`'s).
+                    let targets = self
+                        .labels
+                        .get(i)
+                        .and_then(Option::as_ref)
+                        .map(|l| l.targets([img.width(), img.height()], &geometry));
+                    return Ok((x, targets));
                 }
                 Err(e) => {
                     tracing::warn!("skipping training image: {e}");
@@ -567,7 +599,26 @@ pub fn finetune(
         Some(root) => crate::model::load_builtin_from(&cfg.model, root)?,
         None => crate::model::load_builtin(&cfg.model)?,
     };
-    let images = ImageSet::scan(&cfg.image_dirs)?;
+    let label_set = LabelSet::scan(&cfg.label_dirs, &model.manifest.labels)?;
+    let (images, photo_labels) = labels::labelled_images(&cfg.image_dirs, &label_set)?;
+    let yolo_heads = if cfg.label_dirs.is_empty() {
+        None
+    } else {
+        if !(cfg.label_weight.is_finite() && cfg.label_weight >= 0.0) {
+            return Err(Error::Input(format!(
+                "--label-weight must be a non-negative number, got {}",
+                cfg.label_weight
+            )));
+        }
+        Some(
+            yolo_loss::YoloHeads::from_decoder(&model.manifest.decoder).ok_or_else(|| {
+                Error::Input(format!(
+                    "--labels: {} has no YOLOv3 head; the labelled loss needs anchors",
+                    cfg.model
+                ))
+            })?,
+        )
+    };
     let quantizer = cfg.method.quantizer(cfg.param)?;
     let train_graph = TrainGraph::new(&model.graph)?;
     let slots = param_slots(&model.graph, &cfg.keep_full_precision)?;
@@ -585,6 +636,7 @@ pub fn finetune(
     };
     let source = BatchSource {
         images: &images,
+        labels: &photo_labels,
         spec,
         augment: if header.augment {
             Augment::default()
@@ -625,7 +677,9 @@ pub fn finetune(
         )?;
         let mut sums: BTreeMap<String, ([f32; 2], f32)> = BTreeMap::new();
         for b in 0..CALIBRATION_BATCHES {
-            let x = source.batch(PURPOSE_CALIBRATION, b * batch as u64, batch)?;
+            let x = source
+                .batch(PURPOSE_CALIBRATION, b * batch as u64, batch)?
+                .input;
             let mut observe = ActivationQuant {
                 observe: true,
                 ..ActivationQuant::default()
@@ -692,7 +746,7 @@ pub fn finetune(
     };
     for step in start_step..end_step {
         let t0 = Instant::now();
-        let x = source.batch(0, step * batch as u64, batch)?;
+        let Batch { input: x, targets } = source.batch(0, step * batch as u64, batch)?;
         let mut teacher_act = ActivationQuant::default();
         let t_out = train_graph.forward(
             tensor_from(x.clone(), in_shape, &device),
@@ -710,10 +764,16 @@ pub fn finetune(
             true,
         )?;
         let s_out = train_graph.forward(tensor_from(x, in_shape, &ad_device), &fw, &mut act)?;
-        let loss = distill_loss(&model.manifest.decoder, num_classes, &s_out, &t_out)?;
+        let mut loss = distill_loss(&model.manifest.decoder, num_classes, &s_out, &t_out)?;
+        if let Some(heads) = &yolo_heads
+            && let Some((labelled, parts)) =
+                yolo_loss::labelled_loss(heads, num_classes, [rw, rh], &s_out, &targets)?
+        {
+            loss.add_labelled(labelled, parts, cfg.label_weight);
+        }
         if !loss.parts.total.is_finite() {
             return Err(Error::Inference(format!(
-                "the distillation loss is {} at step {}: lower --lr",
+                "the training loss is {} at step {}: lower --lr",
                 loss.parts.total,
                 step + 1
             )));
@@ -788,7 +848,7 @@ pub fn finetune(
         log: log_path,
     };
     if end_step == header.total_steps {
-        let file = export_lbw(
+        let mut file = export_lbw(
             &model,
             &slots,
             &values,
@@ -797,6 +857,16 @@ pub fn finetune(
             &header,
             &summary,
         )?;
+        if let (Some(_), Some(t)) = (&yolo_heads, file.metadata.training.as_object_mut()) {
+            t.insert(
+                "kind".into(),
+                "distillation from the FP32 model plus the YOLOv3 detection loss on VOC labels \
+                 (lbw finetune --labels)"
+                    .into(),
+            );
+            t.insert("label_weight".into(), cfg.label_weight.into());
+            t.insert("labelled_images".into(), label_set.photos.len().into());
+        }
         file.write(&cfg.output)?;
         summary.output = Some(cfg.output.clone());
     }
