@@ -323,6 +323,33 @@ proptest! {
         }
     }
 
+    /// Quantizing the f32 graph input: every kernel gives `QParams::quantize`'s codes, ties,
+    /// values far outside the grid, infinities and NaN included.
+    #[test]
+    fn kernels_quantize_like_the_simulation(
+        seed in any::<u64>(),
+        n in 0usize..400,
+        lo in -4.0f32..0.0,
+        hi in 0.0f32..4.0,
+    ) {
+        let mut rng = Lcg(seed);
+        let p = QParams::from_range(lo, hi);
+        let x: Vec<f32> = (0..n)
+            .map(|_| match rng.below(8) {
+                0 => [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30][rng.below(5) as usize],
+                // Exact ties of the grid: (k + 1/2) steps from zero.
+                1 => (rng.below(600) as f32 - 300.0 + 0.5) * p.scale,
+                _ => (rng.unit() - 0.5) * 3.0 * (hi - lo),
+            })
+            .collect();
+        let want: Vec<u8> = x.iter().map(|&v| p.quantize(v)).collect();
+        for k in available_kernels() {
+            let mut got = vec![7u8; n];
+            k.quantize_f32(&x, p, &mut got);
+            prop_assert_eq!(&got, &want, "kernel {}", k.name());
+        }
+    }
+
     /// Whole convs through the engine: every kernel gives the same bytes.
     #[test]
     fn engine_kernels_agree_on_random_convs(

@@ -965,9 +965,8 @@ impl ShiftAddEngine {
             unreachable!("the input is always u8")
         };
         let mut buf = self.take_buffer(input.len() + SLACK);
-        for (d, &x) in buf.iter_mut().zip(&input.data) {
-            *d = ip.quantize(x);
-        }
+        self.kernel
+            .quantize_f32(&input.data, ip, &mut buf[..input.data.len()]);
         values[self.input_slot] = Some(Value::U8 {
             data: buf,
             shape: input.shape,

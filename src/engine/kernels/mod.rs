@@ -653,6 +653,14 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
         scalar::binary_u8(a, b, grids, op, out);
     }
 
+    /// `out[i] = p.quantize(x[i])` (the graph input). Panics unless the lengths are equal.
+    fn quantize_f32(&self, x: &[f32], p: QParams, out: &mut [u8]) {
+        assert_eq!(x.len(), out.len(), "operand lengths");
+        for (d, &v) in out.iter_mut().zip(x) {
+            *d = p.quantize(v);
+        }
+    }
+
     /// Runs output channel `oc` of a direct program over every flat position of `geom`, reading
     /// tap `k` of position `f` at `src[taps[oc][k] + f]`, and writes the plane `out`. Panics
     /// unless the program is direct, `src` holds `max tap + geom.positions` rounded up to

@@ -121,6 +121,16 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
         unsafe { split_phases_avx512(self, input, geom, phases) }
     }
 
+    fn quantize_f32(&self, x: &[f32], p: QParams, out: &mut [u8]) {
+        assert_eq!(x.len(), out.len(), "operand lengths");
+        let main = out.len() - out.len() % 64;
+        // SAFETY: the features exist (constructor); both slices hold `main` values.
+        unsafe { quantize_f32_avx512(&x[..main], p, &mut out[..main]) };
+        for (d, &v) in out[main..].iter_mut().zip(&x[main..]) {
+            *d = p.quantize(v);
+        }
+    }
+
     fn binary_u8(&self, a: &[u8], b: &[u8], grids: [QParams; 3], op: BinaryOp, out: &mut [u8]) {
         assert!(
             a.len() == out.len() && b.len() == out.len(),
@@ -406,6 +416,26 @@ unsafe fn binary_u8_avx512(a: &[u8], b: &[u8], grids: [QParams; 3], op: BinaryOp
                 BinaryOp::Mul => _mm512_mul_ps(u, v),
             };
             _mm512_mul_ps(x, inv)
+        });
+        let codes = round_pack_avx512(t, zp16);
+        // SAFETY: the chunk holds 64 bytes.
+        unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), codes) };
+    }
+}
+
+/// [`ShiftAddKernel::quantize_f32`] on whole blocks of 64; the caller guarantees equal lengths, a
+/// multiple of 64.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_f32_avx512(x: &[f32], p: QParams, out: &mut [u8]) {
+    let inv = _mm512_set1_ps(1.0 / p.scale);
+    let zp16 = _mm512_set1_epi16(i16::from(p.zero_point));
+    for (o, x) in out.chunks_exact_mut(64).zip(x.chunks_exact(64)) {
+        let t: [__m512; 4] = std::array::from_fn(|j| {
+            // SAFETY: the chunk holds 64 floats; 16 * j + 16 <= 64.
+            let v = unsafe { _mm512_loadu_ps(x.as_ptr().add(16 * j)) };
+            let t = _mm512_mul_ps(v, inv);
+            // NaN becomes code `zp` in `QParams::quantize` (`NaN as i32` is 0): zero it here.
+            _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(t, t), t)
         });
         let codes = round_pack_avx512(t, zp16);
         // SAFETY: the chunk holds 64 bytes.
