@@ -150,13 +150,16 @@ pub struct SampleGeometry {
     pub content: [f64; 2],
 }
 
-/// A label box keeps at least this fraction of its area after the crop, or it is dropped: a box
-/// mostly cut away shows too little of the object to name it, and calling a fragment an object
-/// would teach the net to fire on fragments (false positives the teacher does not make).
+/// A label box keeps at least this fraction of its area after the crop, or it is dropped as a
+/// positive: a box mostly cut away shows too little of the object to name it, and calling a
+/// fragment an object would teach the net to fire on fragments (false positives the teacher does
+/// not make). What is left of it still keeps the anchors there from being negatives
+/// ([`crate::train::labels`]).
 pub const MIN_VISIBLE_FRACTION: f64 = 0.25;
-/// A label box narrower or lower than this many input pixels is dropped: the resize has blurred
-/// such an object into one or two pixels, so there is nothing left to detect, and its log-size
-/// target (`ln(2 / 26)` for the smallest anchor) is far outside anything the heads produce.
+/// A label box narrower or lower than this many input pixels is no positive either: the resize
+/// has blurred such an object into a pixel or two, so there is nothing left to detect, and its
+/// log-size target (below `ln(2 / 26)` for the smallest anchor) is far outside anything the heads
+/// produce.
 pub const MIN_BOX_SIDE: f64 = 2.0;
 
 impl SampleGeometry {
@@ -178,17 +181,24 @@ impl SampleGeometry {
         ]
     }
 
-    /// A label box as a training target in input pixels: mapped, clipped to the picture, and
-    /// `None` when too little of it is left ([`MIN_VISIBLE_FRACTION`], [`MIN_BOX_SIDE`]).
-    pub fn target_box(&self, b: [f64; 4]) -> Option<[f64; 4]> {
+    /// A box mapped to input pixels and clipped to the picture; `None` when nothing is left.
+    pub fn clip_box(&self, b: [f64; 4]) -> Option<[f64; 4]> {
         let m = self.map_box(b);
-        let full = (m[2] - m[0]) * (m[3] - m[1]);
         let c = [
             m[0].max(0.0),
             m[1].max(0.0),
             m[2].min(self.content[0]),
             m[3].min(self.content[1]),
         ];
+        (c[2] > c[0] && c[3] > c[1]).then_some(c)
+    }
+
+    /// A label box as a training target in input pixels: mapped, clipped to the picture, and
+    /// `None` when too little of it is left ([`MIN_VISIBLE_FRACTION`], [`MIN_BOX_SIDE`]).
+    pub fn target_box(&self, b: [f64; 4]) -> Option<[f64; 4]> {
+        let m = self.map_box(b);
+        let full = (m[2] - m[0]) * (m[3] - m[1]);
+        let c = self.clip_box(b)?;
         let (w, h) = (c[2] - c[0], c[3] - c[1]);
         let keep = w >= MIN_BOX_SIDE && h >= MIN_BOX_SIDE && w * h >= MIN_VISIBLE_FRACTION * full;
         keep.then_some(c)
@@ -423,5 +433,11 @@ mod tests {
         assert_eq!(g.target_box([-40.0, 0.0, 10.0, 20.0]), None);
         // Tiny: dropped.
         assert_eq!(g.target_box([10.0, 10.0, 11.0, 40.0]), None);
+        // What is left of them is still there to be clipped; a box outside the picture is not.
+        assert_eq!(
+            g.clip_box([-40.0, 0.0, 10.0, 20.0]),
+            Some([90.0, 0.0, 100.0, 20.0])
+        );
+        assert_eq!(g.clip_box([100.0, 0.0, 120.0, 20.0]), None);
     }
 }

@@ -47,7 +47,8 @@ pub struct TargetBox {
 
 impl PhotoLabels {
     /// The boxes of one augmented sample of this photo (decoded at `photo` = `[width, height]`)
-    /// in input pixels; boxes the crop cut away are dropped ([`SampleGeometry::target_box`]).
+    /// in input pixels. A box mostly cut away by the crop, or tiny, is no positive
+    /// ([`SampleGeometry::target_box`]) but stays as an ignore region; one wholly outside is gone.
     pub fn targets(&self, photo: [u32; 2], geometry: &SampleGeometry) -> Vec<TargetBox> {
         // A label file written for another size of the same photo (a resized copy) still fits.
         let (fx, fy) = match self.size {
@@ -66,11 +67,21 @@ impl PhotoLabels {
                     b.bbox[2] * fx,
                     b.bbox[3] * fy,
                 ];
-                geometry.target_box(p).map(|bbox| TargetBox {
-                    class: b.class,
-                    bbox,
-                    ignore: b.ignore,
-                })
+                match geometry.target_box(p) {
+                    Some(bbox) => Some(TargetBox {
+                        class: b.class,
+                        bbox,
+                        ignore: b.ignore,
+                    }),
+                    // Too cut or too small to be a positive, but still part of an object: an
+                    // ignore region, so that the net is not taught that a fragment is background
+                    // (the teacher may well fire on it).
+                    None => geometry.clip_box(p).map(|bbox| TargetBox {
+                        class: b.class,
+                        bbox,
+                        ignore: true,
+                    }),
+                }
             })
             .collect()
     }
@@ -364,5 +375,51 @@ mod tests {
             &mut unknown,
         );
         assert!(bad.unwrap_err().contains("bndbox"));
+    }
+
+    #[test]
+    fn cut_boxes_become_ignore_regions_and_sizes_are_rescaled() {
+        let labels = PhotoLabels {
+            size: Some([200, 100]),
+            boxes: vec![
+                LabelBox {
+                    class: 1,
+                    bbox: [10.0, 20.0, 60.0, 60.0],
+                    ignore: false,
+                },
+                LabelBox {
+                    class: 0,
+                    bbox: [0.0, 0.0, 100.0, 20.0],
+                    ignore: false,
+                },
+                LabelBox {
+                    class: 0,
+                    bbox: [0.0, 80.0, 20.0, 100.0],
+                    ignore: false,
+                },
+            ],
+        };
+        // The photo was decoded at half the annotated size; the crop keeps x >= 25 of it (scale 1).
+        let g = SampleGeometry {
+            scale: [1.0, 1.0],
+            offset: [-25.0, 0.0],
+            content: [75.0, 50.0],
+        };
+        let t = labels.targets([100, 50], &g);
+        assert_eq!(
+            t,
+            vec![
+                TargetBox {
+                    class: 1,
+                    bbox: [0.0, 10.0, 5.0, 30.0],
+                    ignore: true
+                },
+                TargetBox {
+                    class: 0,
+                    bbox: [0.0, 0.0, 25.0, 10.0],
+                    ignore: false
+                },
+            ]
+        );
     }
 }
