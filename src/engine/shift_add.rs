@@ -897,6 +897,30 @@ fn unary_table(graph: &Graph, node: &Node, input: QParams, out: QParams) -> Resu
     Ok(t)
 }
 
+/// Nearest-neighbour upsampling by integer factors on the codes (the reference op's indexing,
+/// without the round trip through f32 tensors).
+fn resize_nearest_u8(
+    x: &[u8],
+    in_shape: &[usize],
+    scale: [usize; 2],
+    out_shape: &[usize],
+    out: &mut [u8],
+) {
+    let (h, w) = (in_shape[2], in_shape[3]);
+    let (oh, ow) = (out_shape[2], out_shape[3]);
+    let planes = out_shape[0] * out_shape[1];
+    for p in 0..planes {
+        let src = &x[p * h * w..][..h * w];
+        let dst = &mut out[p * oh * ow..][..oh * ow];
+        for (oy, drow) in dst.chunks_exact_mut(ow).enumerate() {
+            let row = &src[(oy / scale[0]) * w..][..w];
+            for (ox, d) in drow.iter_mut().enumerate() {
+                *d = row[ox / scale[1]];
+            }
+        }
+    }
+}
+
 /// `out = po.quantize(pi.dequantize(x))` through a 256-entry table.
 fn requantize_u8(x: &[u8], pi: QParams, po: QParams, out: &mut [u8]) {
     let mut table = [0u8; 256];
@@ -1109,6 +1133,16 @@ impl ShiftAddEngine {
                     }
                 }
             }
+            StepKind::Codes { node } if matches!(node.op, Op::ResizeNearest { .. }) => {
+                let Op::ResizeNearest { scale } = node.op else {
+                    unreachable!()
+                };
+                let (x, _) = self.u8_input(values, step.inputs[0]);
+                let Value::U8 { data, shape } = &mut out else {
+                    unreachable!()
+                };
+                resize_nearest_u8(x, &self.shapes[step.inputs[0]], scale, shape, data);
+            }
             StepKind::Codes { node } => {
                 let ins: Vec<Tensor> = step
                     .inputs
@@ -1174,4 +1208,41 @@ pub fn fake_quant_simulation(
 ) -> Result<ReferenceInterpreter> {
     let sim = simulate_graph(graph, weights)?;
     ReferenceInterpreter::new(&sim)?.with_fake_quant(engine.activation_params())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_resize_on_codes_matches_the_reference_op() {
+        let in_shape = [1, 3, 5, 7];
+        let codes: Vec<u8> = (0..3 * 5 * 7).map(|i| (i * 37 % 256) as u8).collect();
+        for scale in [[2, 2], [1, 3], [3, 1]] {
+            let node = Node {
+                name: "up".into(),
+                op: Op::ResizeNearest { scale },
+                inputs: vec!["x".into()],
+                output: "y".into(),
+            };
+            let graph = Graph {
+                name: "resize".into(),
+                input: "x".into(),
+                input_shape: in_shape.to_vec(),
+                outputs: vec!["y".into()],
+                nodes: vec![node.clone()],
+                weights: BTreeMap::new(),
+            };
+            let x = Tensor::new(
+                in_shape.to_vec(),
+                codes.iter().map(|&q| f32::from(q)).collect(),
+            )
+            .unwrap();
+            let want = eval_node(&graph, &node, &[&x]).unwrap();
+            let mut got = vec![0u8; want.data.len()];
+            resize_nearest_u8(&codes, &in_shape, scale, &want.shape, &mut got);
+            let want: Vec<u8> = want.data.iter().map(|&v| v as u8).collect();
+            assert_eq!(got, want, "scale {scale:?}");
+        }
+    }
 }
