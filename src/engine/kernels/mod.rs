@@ -563,21 +563,19 @@ pub(crate) fn split_phases_with<R: RowCopy + ?Sized>(
         wq,
     } = geom;
     let plane = phases.len() / (sy * sx);
-    // (phase column offset within a phase row, first input column) of each column phase.
-    let starts: Vec<(usize, usize)> = (0..sx)
-        .map(|px| {
-            let first_c = (pads[1] + sx - 1 - px) / sx;
-            (first_c, first_c * sx + px - pads[1])
-        })
-        .collect();
+    // (phase column offset within a phase row, first input column) of column phase `px`.
+    let start = |px: usize| {
+        let first_c = (pads[1] + sx - 1 - px) / sx;
+        (first_c, first_c * sx + px - pads[1])
+    };
     for (y, row) in input.chunks_exact(w).take(h).enumerate() {
         let yp = y + pads[0];
         let (py, r) = (yp % sy, yp / sy);
-        let at = |px: usize| (py * sx + px) * plane + r * wq + starts[px].0;
+        let at = |px: usize| (py * sx + px) * plane + r * wq + start(px).0;
         if sx == 2 {
             // One pass over the row feeds both column phases: the phase whose first input column
             // is 0 takes the even columns, the other the odd ones.
-            let even = usize::from(starts[1].1 == 0);
+            let even = usize::from(start(1).1 == 0);
             let (ne, no) = (w.div_ceil(2), w / 2);
             let (ae, ao) = (at(even), at(1 - even));
             let (de, dodd) = if ae < ao {
@@ -590,7 +588,8 @@ pub(crate) fn split_phases_with<R: RowCopy + ?Sized>(
             rows.deinterleave(row, de, dodd);
             continue;
         }
-        for (px, &(_, x0)) in starts.iter().enumerate() {
+        for px in 0..sx {
+            let x0 = start(px).1;
             if x0 >= w {
                 continue;
             }
