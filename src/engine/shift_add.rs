@@ -12,7 +12,9 @@
 //!   `stride_y * stride_x` phase planes. In such a source every tap of output position
 //!   `f = oy * pitch + ox` is at `tap_offset + f`, so a tile of [`LANES`] consecutive positions is
 //!   one contiguous load per tap whatever the kernel size, stride or padding (the `pitch - ow`
-//!   extra columns per row are computed and dropped).
+//!   extra columns per row are computed and dropped). A conv with one output channel per group
+//!   (depthwise) is a *direct* program: each channel runs over its whole plane without tiles
+//!   (see [`crate::engine::kernels`]).
 //! * Other ops run in a simple form that is bit-identical to the FP32 simulation: unary
 //!   element-wise ops through a 256-entry table, data-movement ops (reshape, transpose, gather,
 //!   slice, resize, max-pool, pad) on the codes themselves with the input's grid, add/mul/concat by
@@ -22,7 +24,8 @@
 //! # Threads
 //!
 //! A conv's output channels are split into one contiguous block per thread (whole groups for
-//! grouped convs), so each thread owns a disjoint slice of the output and builds its own tiles.
+//! grouped convs), so each thread owns a disjoint slice of the output and builds its own tiles
+//! (direct programs need none).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
