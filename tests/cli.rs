@@ -295,3 +295,54 @@ fn a_calibrated_lbw_file_runs_on_the_shift_add_engine() {
     assert!(from_file.status.success(), "{}", stderr(&from_file));
     assert_eq!(from_file.stdout, in_memory.stdout);
 }
+
+#[test]
+fn eval_bootstrap_reports_intervals_and_a_zero_paired_difference_to_itself() {
+    let data = data_dir().join("coco128").display().to_string();
+    let dets = tmp("boot.dets.jsonl");
+    let common = [
+        "eval",
+        "--model",
+        "yolo-fastest-voc",
+        "--data",
+        &data,
+        "--format",
+        "coco",
+        "--limit",
+        "32",
+        "--score-threshold",
+        "0.005",
+    ];
+    let first = lbw(&[&common[..], &["--save-detections", dets.to_str().unwrap()]].concat());
+    assert!(first.status.success(), "{}", stderr(&first));
+    let o = lbw(&[
+        &common[..],
+        &[
+            "--bootstrap",
+            "200",
+            "--baseline-detections",
+            dets.to_str().unwrap(),
+            "--json",
+        ],
+    ]
+    .concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let b = &v["voc_style"]["bootstrap"];
+    let lo = b["map"][0].as_f64().unwrap();
+    let hi = b["map"][1].as_f64().unwrap();
+    assert!(0.0 <= lo && lo < hi && hi <= 1.0, "{b}");
+    assert_eq!(b["resamples"], 200);
+    // The model against its own saved detections: every resample's difference is exactly zero.
+    assert_eq!(
+        b["difference"]["interval"],
+        serde_json::json!([0.0, 0.0]),
+        "{b}"
+    );
+    assert!(
+        (b["difference"]["baseline_map"].as_f64().unwrap()
+            - v["voc_style"]["map"].as_f64().unwrap())
+        .abs()
+            < 1e-12
+    );
+}

@@ -32,7 +32,8 @@ impl ThresholdArgs {
 #[derive(Debug, Args)]
 pub struct DetectArgs {
     /// Model: an id (see `lbw models`), `ID@lbwB` (post-training B-bit on the shift-add engine),
-    /// a `.lbw` file, or `FILE.lbw@sim` (the FP32 fake-quant simulation of the file's engine).
+    /// a `.lbw` file, `FILE.lbw@sim` (the FP32 fake-quant simulation of the file's engine) or
+    /// `FILE.lbw@weights` (its weights alone, FP32 activations).
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// Image files.

@@ -8,7 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::cli::detect::ThresholdArgs;
 use crate::detect::{Detector, ImageDetections, load_detector};
 use crate::eval::{
-    CocoDataset, Interpolation, VocDataset, VocOptions, coco_eval, voc_map, voc_map_on_coco,
+    BootstrapReport, CocoDataset, GtImage, Interpolation, VocDataset, VocOptions, coco_eval,
+    voc_inputs_on_coco, voc_map, voc_map_bootstrap, voc_map_on_coco,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -30,7 +31,8 @@ pub enum InterpolationArg {
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// Model: an id (see `lbw models`), `ID@lbwB` (post-training B-bit on the shift-add engine),
-    /// a `.lbw` file, or `FILE.lbw@sim` (the FP32 fake-quant simulation of the file's engine). Leave out
+    /// a `.lbw` file, `FILE.lbw@sim` (the FP32 fake-quant simulation of the file's engine) or
+    /// `FILE.lbw@weights` (its weights alone, FP32 activations). Leave out
     /// with --detections.
     #[arg(long, required_unless_present = "detections")]
     pub model: Option<String>,
@@ -68,6 +70,17 @@ pub struct EvalArgs {
     pub save_detections: Option<PathBuf>,
     #[command(flatten)]
     pub thresholds: ThresholdArgs,
+    /// Also report a 95 % bootstrap interval of the VOC mAP from this many image resamples
+    /// (1000 is plenty): how much of a difference the test set can resolve.
+    #[arg(long, default_value_t = 0)]
+    pub bootstrap: usize,
+    /// With --bootstrap: saved detections of a reference model (`--save-detections` of its run);
+    /// adds the interval of the paired mAP difference, this model minus the reference.
+    #[arg(long, requires = "bootstrap")]
+    pub baseline_detections: Option<PathBuf>,
+    /// Seed of the bootstrap resamples.
+    #[arg(long, default_value_t = 0)]
+    pub bootstrap_seed: u64,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -158,10 +171,16 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                 .collect();
             let dets = detections_for(images)?;
             let report = voc_map(&data.images, &dets, &options);
+            let boot = bootstrap(&args, &data.images, &dets, &options, Ok)?;
             if args.json {
-                out!("{}", serde_json::to_string_pretty(&report)?);
+                let mut v = serde_json::to_value(&report)?;
+                if let Some(b) = &boot {
+                    v["bootstrap"] = serde_json::to_value(b)?;
+                }
+                out!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 out_raw!("{}", report.table());
+                print_bootstrap(boot.as_ref())?;
             }
         }
         DataFormat::Coco => {
@@ -200,19 +219,73 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             let restricted = data.restrict_to_classes(&labels);
             let coco = coco_eval(&restricted, &dets);
             let voc = voc_map_on_coco(&data, &dets, &labels, &options);
+            let (gt, mapped) = voc_inputs_on_coco(&data, &dets, &labels);
+            let boot = bootstrap(&args, &gt, &mapped, &options, |b| {
+                Ok(voc_inputs_on_coco(&data, &b, &labels).1)
+            })?;
             if args.json {
-                out!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({ "coco": coco, "voc_style": voc })
-                    )?
-                );
+                let mut v = serde_json::json!({ "coco": coco, "voc_style": voc });
+                if let Some(b) = &boot {
+                    v["voc_style"]["bootstrap"] = serde_json::to_value(b)?;
+                }
+                out!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 out_raw!("{}", voc.table());
+                print_bootstrap(boot.as_ref())?;
                 out!();
                 out_raw!("{}", coco.table());
             }
         }
+    }
+    Ok(())
+}
+
+/// `--bootstrap`: the interval of VOC mAP over image resamples, and of the paired difference to
+/// `--baseline-detections` (mapped like the evaluated detections by `map_baseline`).
+fn bootstrap(
+    args: &EvalArgs,
+    gt: &[GtImage],
+    dets: &[ImageDetections],
+    options: &VocOptions,
+    map_baseline: impl Fn(Vec<ImageDetections>) -> anyhow::Result<Vec<ImageDetections>>,
+) -> anyhow::Result<Option<BootstrapReport>> {
+    if args.bootstrap == 0 {
+        return Ok(None);
+    }
+    let baseline = match &args.baseline_detections {
+        Some(p) => Some(map_baseline(read_detections(p)?)?),
+        None => None,
+    };
+    Ok(Some(voc_map_bootstrap(
+        gt,
+        dets,
+        baseline.as_deref(),
+        options,
+        args.bootstrap,
+        args.bootstrap_seed,
+    )))
+}
+
+fn print_bootstrap(boot: Option<&BootstrapReport>) -> anyhow::Result<()> {
+    let Some(b) = boot else { return Ok(()) };
+    let pct = |x: f64| 100.0 * x;
+    out!(
+        "bootstrap ({} image resamples, seed {}): mAP {:.0} % interval [{:.2}, {:.2}]",
+        b.resamples,
+        b.seed,
+        pct(b.level),
+        pct(b.map[0]),
+        pct(b.map[1])
+    );
+    if let Some(d) = &b.difference {
+        out!(
+            "paired difference to the baseline ({:.2} mAP): mean {:+.2}, {:.0} % interval [{:+.2}, {:+.2}]",
+            pct(d.baseline_map),
+            pct(d.mean),
+            pct(b.level),
+            pct(d.interval[0]),
+            pct(d.interval[1])
+        );
     }
     Ok(())
 }

@@ -158,13 +158,17 @@ impl Detector {
 
 /// Builds a detector from a model reference: a built-in model id (FP32 through tract), `ID@lbwB`
 /// (post-training quantized, on the shift-add engine), the path of a `.lbw` file (on the shift-add
-/// engine when it carries activation grids, else its weights simulated in FP32 through tract), or
-/// `FILE.lbw@sim` (the FP32 fake-quant simulation of that engine).
+/// engine when it carries activation grids, else its weights simulated in FP32 through tract),
+/// `FILE.lbw@sim` (the FP32 fake-quant simulation of that engine) or `FILE.lbw@weights` (its
+/// weights alone, FP32 activations).
 pub fn load_detector(model_ref: &str) -> Result<Detector> {
     // `ID@lbwB`: power-of-two weights (post-training) on the shift-add engine, calibrated in memory.
     if let Some((id, variant)) = model_ref.split_once('@') {
         if variant == "sim" {
             return load_lbw_simulation(id);
+        }
+        if variant == "weights" {
+            return load_lbw_weights_only(id);
         }
         if variant != "fp32" {
             return load_ptq_detector(id, variant);
@@ -218,6 +222,19 @@ pub fn load_lbw_simulation(path: &str) -> Result<Detector> {
         format!("lbw{bits}-sim"),
         Box::new(sim),
     ))
+}
+
+/// `FILE.lbw@weights`: only the file's weights, `alpha * Q` in FP32 on tract, with FP32
+/// activations. Against `FILE.lbw@sim` it shows what the 8-bit activations cost.
+pub fn load_lbw_weights_only(path: &str) -> Result<Detector> {
+    let file = crate::model::lbw_file::LbwFile::read(std::path::Path::new(path))?;
+    let manifest = crate::model::manifest::find(&file.metadata.source_model)?;
+    let backend = crate::engine::tract_fp32::TractFp32::new(&file.graph)?;
+    let variant = match file.metadata.bits {
+        Some(b) => format!("lbw{b}-weights"),
+        None => "fp32".to_string(),
+    };
+    Ok(Detector::new(manifest, variant, Box::new(backend)))
 }
 
 /// The shift-add engine for a `.lbw` file that carries activation grids, with its bit-width.

@@ -308,6 +308,17 @@ pub fn voc_map_on_coco<S: AsRef<str>>(
     labels: &[S],
     opts: &VocOptions,
 ) -> VocReport {
+    let (gt, mapped) = voc_inputs_on_coco(coco, dets, labels);
+    voc_map(&gt, &mapped, opts)
+}
+
+/// What [`voc_map_on_coco`] scores: the ground truth restricted to the categories `labels` map to,
+/// and the detections of those categories under their COCO names.
+pub fn voc_inputs_on_coco<S: AsRef<str>>(
+    coco: &CocoDataset,
+    dets: &[ImageDetections],
+    labels: &[S],
+) -> (Vec<GtImage>, Vec<ImageDetections>) {
     let restricted = coco.restrict_to_classes(labels);
     let kept: HashSet<&str> = restricted
         .categories
@@ -332,7 +343,7 @@ pub fn voc_map_on_coco<S: AsRef<str>>(
             ..im.clone()
         })
         .collect();
-    voc_map(&restricted.to_gt_images(), &mapped, opts)
+    (restricted.to_gt_images(), mapped)
 }
 
 #[cfg(test)]

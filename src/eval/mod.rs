@@ -17,6 +17,8 @@
 //! // Metrics
 //! voc_map(&[GtImage], &[ImageDetections], &VocOptions) -> VocReport
 //! voc_map_on_coco(&CocoDataset, &[ImageDetections], labels: &[S], &VocOptions) -> VocReport
+//! voc_inputs_on_coco(&CocoDataset, &[ImageDetections], labels: &[S]) -> (Vec<GtImage>, Vec<ImageDetections>)
+//! voc_map_bootstrap(&[GtImage], &[ImageDetections], baseline, &VocOptions, resamples, seed) -> BootstrapReport
 //! coco_eval(&CocoDataset, &[ImageDetections]) -> CocoReport
 //! coco_eval_results(&CocoDataset, &[CocoDetection]) -> CocoReport
 //! average_precision(recall, precision, Interpolation) -> f64
@@ -47,6 +49,7 @@
 //! - Coordinates are `f64` throughout; the detector's `f32` boxes are widened on the way in.
 
 mod ap;
+mod bootstrap;
 mod classes;
 mod coco;
 mod cocoeval;
@@ -54,10 +57,11 @@ mod report;
 mod voc;
 
 pub use ap::{Interpolation, VocOptions, average_precision, voc_map};
+pub use bootstrap::{BootstrapReport, PairedDifference, voc_map_bootstrap};
 pub use classes::{VOC_CLASSES, coco_to_voc_name, voc_to_coco_name};
 pub use coco::{
     CocoAnnotation, CocoCategory, CocoDataset, CocoDetection, CocoImage, load_coco_results,
-    voc_map_on_coco,
+    voc_inputs_on_coco, voc_map_on_coco,
 };
 pub use cocoeval::{coco_eval, coco_eval_results};
 pub use report::{CocoClassAp, CocoReport, CocoStats, VocClassAp, VocReport};
