@@ -23,6 +23,11 @@
 //! # Other heads
 //!
 //! Mean squared error on the raw outputs, each output normalised by its teacher variance.
+//!
+//! # Labels
+//!
+//! With `lbw finetune --labels`, photos that have ground truth also get the YOLOv3 detection loss
+//! ([`crate::train::yolo_loss`]), added with a weight by [`DistillLoss::add_labelled`].
 
 use burn::tensor::Tensor;
 use burn::tensor::activation::{sigmoid, softplus};
