@@ -80,10 +80,11 @@ pub fn voc_map_bootstrap(
             continue;
         };
         maps.push(m);
-        if let Some(t) = &theirs {
-            if let Some(b) = voc_map(&sample_gt, &sample(t), opts).map {
-                diffs.push(m - b);
-            }
+        if let Some(b) = theirs
+            .as_ref()
+            .and_then(|t| voc_map(&sample_gt, &sample(t), opts).map)
+        {
+            diffs.push(m - b);
         }
     }
     let level = 0.95;
