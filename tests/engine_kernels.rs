@@ -137,6 +137,67 @@ proptest! {
         }
     }
 
+    /// `run_channels2` (two tiles per pass over the schedules) computes what `run_channels`
+    /// computes on each tile, on every kernel: segment splits, wide exponent spreads, saturated
+    /// activations, both output kinds.
+    #[test]
+    fn paired_tiles_match_single_tiles_on_every_kernel(
+        seed in any::<u64>(),
+        k in 1usize..300,
+        cout in 2usize..7,
+        bits in 2u8..=8,
+        zero_pct in 0u32..90,
+        act in 0u32..3,
+        u8_out in any::<bool>(),
+        zp in any::<u8>(),
+    ) {
+        let mut rng = Lcg(seed);
+        let bits = Bits::new(bits).unwrap();
+        let codes = random_codes(&mut rng, cout * k, bits, zero_pct);
+        let alphas: Vec<f32> = (0..cout).map(|_| 0.01 + rng.unit()).collect();
+        let prog = ConvProgram::build(&ConvSpec {
+            groups: 1,
+            codes: &codes,
+            alphas: &alphas,
+            bias: None,
+            taps: (0..k as u32).collect(),
+            input_scale: 0.02,
+            input_zero_point: zp,
+            act: act_of(act),
+            output: u8_out.then_some((0.05 + rng.unit(), rng.below(256) as u8)),
+        }).unwrap();
+        let extreme = rng.below(2) == 0;
+        let src: Vec<u8> = (0..(k + 2) * LANES)
+            .map(|_| if extreme { 255 * rng.below(2) as u8 } else { rng.below(256) as u8 })
+            .collect();
+        let taps: Vec<u32> = (0..k as u32).map(|t| t * LANES as u32).collect();
+        let scalar = select_kernel(KernelChoice::Scalar).unwrap();
+        let tiles: Vec<Vec<i16>> = (0..2)
+            .map(|h| {
+                let mut tile = vec![0i16; prog.tile_rows() * LANES];
+                scalar.build_tile(&src, &taps, h * LANES, &mut tile);
+                tile
+            })
+            .collect();
+        let want: Vec<(Vec<u8>, Vec<f32>)> =
+            tiles.iter().map(|t| run_program(scalar.as_ref(), &prog, t, u8_out)).collect();
+        for kernel in available_kernels() {
+            let (mut b0, mut b1) = (vec![0u8; cout * LANES], vec![0u8; cout * LANES]);
+            let (mut f0, mut f1) = (vec![0f32; cout * LANES], vec![0f32; cout * LANES]);
+            let out = if u8_out {
+                [TileOut::U8(&mut b0), TileOut::U8(&mut b1)]
+            } else {
+                [TileOut::F32(&mut f0), TileOut::F32(&mut f1)]
+            };
+            kernel.run_channels2(&prog, 0, cout, [&tiles[0], &tiles[1]], out);
+            for (h, (b, f)) in [(&b0, &f0), (&b1, &f1)].into_iter().enumerate() {
+                prop_assert_eq!(b, &want[h].0, "kernel {} tile {}", kernel.name(), h);
+                let bits_eq = f.iter().zip(&want[h].1).all(|(a, b)| a.to_bits() == b.to_bits());
+                prop_assert!(bits_eq, "kernel {} f32 outputs of tile {} differ", kernel.name(), h);
+            }
+        }
+    }
+
     /// A direct program (one output channel) computes what the tile schedule of the same weights
     /// computes, on every kernel: many terms (segment splits), wide exponent spreads (the i32 cap
     /// and right shifts), saturated activations, all-zero channels, and flat geometries with

@@ -41,6 +41,9 @@ use crate::error::{Error, Result};
 use crate::model::{Conv, Graph, Node, Op, Tensor};
 use crate::quant::{QuantizedTensor, simulate_graph};
 
+/// Largest two tiles (bytes) a conv runs in pairs through [`ShiftAddKernel::run_channels2`].
+const PAIRED_TILE_BYTES: usize = 32 * 1024;
+
 /// Spare bytes after every `u8` buffer: a tile of [`LANES`] may start at the last position.
 pub const SLACK: usize = LANES;
 
@@ -745,34 +748,74 @@ fn conv_block(
     }
     let cout_g = prog.cout_g;
     // Zeroed once: the last row is the padding row the schedule adds for nothing.
-    let mut tile = vec![0i16; prog.tile_rows() * LANES];
+    let tile_len = prog.tile_rows() * LANES;
+    let pairs = tile_len * 2 * std::mem::size_of::<i16>() <= PAIRED_TILE_BYTES;
+    let mut tiles = vec![0i16; if pairs { 2 * tile_len } else { tile_len }];
     let rows = (hi - lo).min(cout_g);
-    let mut stage_u8 = vec![0u8; rows * LANES];
-    let mut stage_f32 = vec![0f32; rows * LANES];
+    let mut stage_u8 = vec![0u8; 2 * rows * LANES];
+    let mut stage_f32 = vec![0f32; 2 * rows * LANES];
     let (g_lo, g_hi) = (lo / cout_g, (hi - 1) / cout_g + 1);
     for g in g_lo..g_hi {
         let a = lo.max(g * cout_g);
         let b = hi.min((g + 1) * cout_g);
         let taps = prog.group_taps(g);
-        for t in 0..c.tiles {
+        let mut t = 0;
+        while t < c.tiles {
             let base = t * LANES;
-            kernel.build_tile(src, taps, base, &mut tile);
+            // Two tiles per pass over the schedules while both fit the L1 cache together.
+            let two = pairs && t + 1 < c.tiles;
+            let (t0, t1) = tiles.split_at_mut(tile_len);
+            kernel.build_tile(src, taps, base, t0);
+            if two {
+                kernel.build_tile(src, taps, base + LANES, t1);
+            }
+            let n = b - a;
+            let stored = if two { 2 } else { 1 };
             match &mut out {
                 OutSlice::U8(o) => {
-                    kernel.run_channels(prog, a, b - a, &tile, TileOut::U8(&mut stage_u8));
-                    for i in 0..b - a {
-                        let dst = &mut o[(a + i - lo) * plane..][..plane];
-                        store_flat(&stage_u8[i * LANES..][..LANES], base, geom, dst);
+                    let (s0, s1) = stage_u8.split_at_mut(rows * LANES);
+                    if two {
+                        kernel.run_channels2(
+                            prog,
+                            a,
+                            n,
+                            [t0, t1],
+                            [TileOut::U8(s0), TileOut::U8(s1)],
+                        );
+                    } else {
+                        kernel.run_channels(prog, a, n, t0, TileOut::U8(s0));
+                    }
+                    for h in 0..stored {
+                        for i in 0..n {
+                            let dst = &mut o[(a + i - lo) * plane..][..plane];
+                            let lanes = &stage_u8[(h * rows + i) * LANES..][..LANES];
+                            store_flat(lanes, base + h * LANES, geom, dst);
+                        }
                     }
                 }
                 OutSlice::F32(o) => {
-                    kernel.run_channels(prog, a, b - a, &tile, TileOut::F32(&mut stage_f32));
-                    for i in 0..b - a {
-                        let dst = &mut o[(a + i - lo) * plane..][..plane];
-                        store_flat(&stage_f32[i * LANES..][..LANES], base, geom, dst);
+                    let (s0, s1) = stage_f32.split_at_mut(rows * LANES);
+                    if two {
+                        kernel.run_channels2(
+                            prog,
+                            a,
+                            n,
+                            [t0, t1],
+                            [TileOut::F32(s0), TileOut::F32(s1)],
+                        );
+                    } else {
+                        kernel.run_channels(prog, a, n, t0, TileOut::F32(s0));
+                    }
+                    for h in 0..stored {
+                        for i in 0..n {
+                            let dst = &mut o[(a + i - lo) * plane..][..plane];
+                            let lanes = &stage_f32[(h * rows + i) * LANES..][..LANES];
+                            store_flat(lanes, base + h * LANES, geom, dst);
+                        }
                     }
                 }
             }
+            t += stored;
         }
     }
 }

@@ -639,6 +639,23 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
         out: TileOut<'_>,
     );
 
+    /// Runs output channels `first_oc .. first_oc + n` over two tiles (two runs of positions),
+    /// writing `out[j]` from `tiles[j]`: exactly what [`Self::run_channels`] on each computes. A
+    /// kernel may run both at once (one pass over each channel's schedule, twice the independent
+    /// accumulators). Panics as `run_channels` does.
+    fn run_channels2(
+        &self,
+        prog: &ConvProgram,
+        first_oc: usize,
+        n: usize,
+        tiles: [&[i16]; 2],
+        out: [TileOut<'_>; 2],
+    ) {
+        let [o0, o1] = out;
+        self.run_channels(prog, first_oc, n, tiles[0], o0);
+        self.run_channels(prog, first_oc, n, tiles[1], o1);
+    }
+
     /// Copies one `[h][w]` input channel into its phase planes `phases` (`[sy][sx][hq][wq]`,
     /// already filled with the zero point).
     fn split_phases(&self, input: &[u8], geom: PhaseSplit, phases: &mut [u8]) {

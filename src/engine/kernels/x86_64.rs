@@ -95,7 +95,27 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
         check_run(prog, first_oc, n, tile, out_len);
         // SAFETY: the features exist (constructor); `check_run` bounds the channels, tile and
         // output; `ConvProgram::build` guarantees every term indexes a tap below `k`.
-        unsafe { run_channels_avx512(prog, first_oc, n, tile, out) }
+        unsafe { run_channels_avx512(prog, first_oc, n, [tile], [out]) }
+    }
+
+    fn run_channels2(
+        &self,
+        prog: &ConvProgram,
+        first_oc: usize,
+        n: usize,
+        tiles: [&[i16]; 2],
+        out: [TileOut<'_>; 2],
+    ) {
+        for (t, o) in tiles.iter().zip(&out) {
+            let out_len = match o {
+                TileOut::U8(o) => o.len(),
+                TileOut::F32(o) => o.len(),
+            };
+            check_run(prog, first_oc, n, t, out_len);
+        }
+        // SAFETY: the features exist (constructor); `check_run` bounds the channels, both tiles
+        // and both outputs; `ConvProgram::build` guarantees every term indexes a tap below `k`.
+        unsafe { run_channels_avx512(prog, first_oc, n, tiles, out) }
     }
 
     fn run_direct(
@@ -253,45 +273,66 @@ unsafe fn build_tile_avx512(src: &[u8], taps: &[u32], base: usize, tile: &mut [i
     }
 }
 
+/// Runs output channel `oc`'s schedule over `N` tiles at once: each chunk's row indices are read
+/// once for all tiles, and the `2 N` accumulators form independent dependency chains. Returns the
+/// 32-bit accumulators of each tile's four 16-lane quarters. The caller guarantees that every
+/// tile holds the program's `2k + 1` rows.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn channel_acc_avx512(prog: &ConvProgram, oc: usize, tile: *const i16) -> [__m512i; 4] {
+unsafe fn channel_acc_avx512<const N: usize>(
+    prog: &ConvProgram,
+    oc: usize,
+    tiles: [*const i16; N],
+) -> [[__m512i; 4]; N] {
     let zero = _mm512_setzero_si512();
-    let mut acc = [zero; 4];
+    let mut acc = [[zero; 4]; N];
+    let tb = tiles.map(|t| t.cast::<u8>());
     for seg in channel_segments(prog, oc) {
-        let (mut a0, mut a1) = (zero, zero);
-        let tb = tile.cast::<u8>();
+        let mut a = [[zero; 2]; N];
         for chunk in &prog.chunks[seg.first as usize..][..seg.len as usize] {
             let sh = _mm_cvtsi32_si128(i32::from(chunk.shl16));
-            a0 = _mm512_sll_epi16(a0, sh);
-            a1 = _mm512_sll_epi16(a1, sh);
+            // The chunk's rows are summed off the accumulators' dependency chains (wrapping adds
+            // are associative, so the result is the same), leaving one shift and one add per
+            // chunk on each chain.
+            let mut sum = [[zero; 2]; N];
             for &r in &chunk.rows {
-                // SAFETY: r < 2k + 1 (program invariant) and the tile holds 2k + 1 rows.
-                unsafe {
-                    let p = tb.add(usize::from(r) * ROW_BYTES);
-                    a0 = _mm512_add_epi16(a0, _mm512_loadu_si512(p.cast()));
-                    a1 = _mm512_add_epi16(a1, _mm512_loadu_si512(p.add(64).cast()));
+                let off = usize::from(r) * ROW_BYTES;
+                for (s, t) in sum.iter_mut().zip(tb) {
+                    // SAFETY: r < 2k + 1 (program invariant) and each tile holds 2k + 1 rows.
+                    unsafe {
+                        let p = t.add(off);
+                        s[0] = _mm512_add_epi16(s[0], _mm512_loadu_si512(p.cast()));
+                        s[1] = _mm512_add_epi16(s[1], _mm512_loadu_si512(p.add(64).cast()));
+                    }
                 }
             }
+            for (v, s) in a.iter_mut().zip(sum) {
+                v[0] = _mm512_add_epi16(_mm512_sll_epi16(v[0], sh), s[0]);
+                v[1] = _mm512_add_epi16(_mm512_sll_epi16(v[1], sh), s[1]);
+            }
         }
-        let wide = [
-            _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a0)),
-            _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(a0)),
-            _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a1)),
-            _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(a1)),
-        ];
         let cnt = _mm_cvtsi32_si128(seg.shift32.abs());
-        for (a, w) in acc.iter_mut().zip(wide) {
-            let s = if seg.shift32 >= 0 {
-                _mm512_sll_epi32(w, cnt)
-            } else {
-                _mm512_sra_epi32(w, cnt)
-            };
-            *a = _mm512_add_epi32(*a, s);
+        for (acc, v) in acc.iter_mut().zip(a) {
+            let wide = [
+                _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v[0])),
+                _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v[0])),
+                _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v[1])),
+                _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v[1])),
+            ];
+            for (a, w) in acc.iter_mut().zip(wide) {
+                let s = if seg.shift32 >= 0 {
+                    _mm512_sll_epi32(w, cnt)
+                } else {
+                    _mm512_sra_epi32(w, cnt)
+                };
+                *a = _mm512_add_epi32(*a, s);
+            }
         }
     }
     acc
 }
 
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn epilogue_avx512(acc: __m512i, mult: __m512, add: __m512, act: Activation) -> __m512 {
     let t = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), mult), add);
@@ -302,42 +343,50 @@ unsafe fn epilogue_avx512(acc: __m512i, mult: __m512, add: __m512, act: Activati
     }
 }
 
+/// Runs channels `first_oc .. first_oc + n` over `N` tiles, writing `out[j]` from `tiles[j]`. The
+/// caller has checked the channel range, every tile and every output (see `run_channels`).
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn run_channels_avx512(
+unsafe fn run_channels_avx512<const N: usize>(
     prog: &ConvProgram,
     first_oc: usize,
     n: usize,
-    tile: &[i16],
-    out: TileOut<'_>,
+    tiles: [&[i16]; N],
+    out: [TileOut<'_>; N],
 ) {
-    let tp = tile.as_ptr();
-    match out {
-        TileOut::U8(out) => {
-            let OutputKind::U8 { zero_point } = prog.out else {
-                panic!("u8 output for an f32 conv")
-            };
-            let zp16 = _mm512_set1_epi16(i16::from(zero_point));
-            for i in 0..n {
-                let oc = first_oc + i;
-                // SAFETY: bounds checked by the caller (see `run_channels`).
-                let acc = unsafe { channel_acc_avx512(prog, oc, tp) };
-                let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
-                let bytes = codes_avx512(&acc, m, a, prog.act, zp16);
-                // SAFETY: out holds n rows of LANES (checked).
-                unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(i * LANES).cast(), bytes) };
+    let tp = tiles.map(|t| t.as_ptr());
+    if let OutputKind::U8 { zero_point } = prog.out {
+        let dst = out.map(|o| match o {
+            TileOut::U8(o) => o.as_mut_ptr(),
+            TileOut::F32(_) => panic!("f32 output for a u8 conv"),
+        });
+        let zp16 = _mm512_set1_epi16(i16::from(zero_point));
+        for i in 0..n {
+            let oc = first_oc + i;
+            // SAFETY: bounds checked by the caller (see `run_channels`).
+            let acc = unsafe { channel_acc_avx512(prog, oc, tp) };
+            let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
+            for (acc, d) in acc.iter().zip(dst) {
+                let bytes = codes_avx512(acc, m, a, prog.act, zp16);
+                // SAFETY: each output holds n rows of LANES (checked).
+                unsafe { _mm512_storeu_si512(d.add(i * LANES).cast(), bytes) };
             }
         }
-        TileOut::F32(out) => {
-            for i in 0..n {
-                let oc = first_oc + i;
-                // SAFETY: bounds checked by the caller.
-                let acc = unsafe { channel_acc_avx512(prog, oc, tp) };
-                let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
+    } else {
+        let dst = out.map(|o| match o {
+            TileOut::F32(o) => o.as_mut_ptr(),
+            TileOut::U8(_) => panic!("u8 output for an f32 conv"),
+        });
+        for i in 0..n {
+            let oc = first_oc + i;
+            // SAFETY: bounds checked by the caller.
+            let acc = unsafe { channel_acc_avx512(prog, oc, tp) };
+            let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
+            for (acc, d) in acc.iter().zip(dst) {
                 for (j, &v) in acc.iter().enumerate() {
-                    // SAFETY: features enabled; out holds n rows of LANES (checked).
+                    // SAFETY: features enabled; each output holds n rows of LANES (checked).
                     unsafe {
                         let t = epilogue_avx512(v, m, a, prog.act);
-                        _mm512_storeu_ps(out.as_mut_ptr().add(i * LANES + j * 16), t);
+                        _mm512_storeu_ps(d.add(i * LANES + j * 16), t);
                     }
                 }
             }
@@ -346,6 +395,7 @@ unsafe fn run_channels_avx512(
 }
 
 /// Requantizes 64 lanes (four vectors of 16 `i32`) to `u8` codes in lane order.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 fn codes_avx512(acc: &[__m512i], m: __m512, a: __m512, act: Activation, zp16: __m512i) -> __m512i {
     let t: [__m512; 4] = std::array::from_fn(|j| {
@@ -356,6 +406,7 @@ fn codes_avx512(acc: &[__m512i], m: __m512, a: __m512, act: Activation, zp16: __
 }
 
 /// `clamp(round_half_even(clamp(t, -1024, 1024)) + zp, 0, 255)` of 64 lanes, in lane order.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 fn round_pack_avx512(t: [__m512; 4], zp16: __m512i) -> __m512i {
     let hi = _mm512_set1_ps(1024.0);
@@ -694,18 +745,20 @@ unsafe fn channel_acc_avx2(prog: &ConvProgram, oc: usize, tile: *const i16) -> [
         let tb = tile.cast::<u8>();
         for chunk in &prog.chunks[seg.first as usize..][..seg.len as usize] {
             let sh = _mm_cvtsi32_si128(i32::from(chunk.shl16));
-            for v in &mut a {
-                *v = _mm256_sll_epi16(*v, sh);
-            }
+            // The rows are summed off the accumulators' dependency chains (as for AVX-512).
+            let mut s = [zero; 4];
             for &r in &chunk.rows {
                 // SAFETY: r < 2k + 1 (program invariant) and the tile holds 2k + 1 rows.
                 unsafe {
                     let p = tb.add(usize::from(r) * ROW_BYTES);
-                    a[0] = _mm256_add_epi16(a[0], _mm256_loadu_si256(p.cast()));
-                    a[1] = _mm256_add_epi16(a[1], _mm256_loadu_si256(p.add(32).cast()));
-                    a[2] = _mm256_add_epi16(a[2], _mm256_loadu_si256(p.add(64).cast()));
-                    a[3] = _mm256_add_epi16(a[3], _mm256_loadu_si256(p.add(96).cast()));
+                    s[0] = _mm256_add_epi16(s[0], _mm256_loadu_si256(p.cast()));
+                    s[1] = _mm256_add_epi16(s[1], _mm256_loadu_si256(p.add(32).cast()));
+                    s[2] = _mm256_add_epi16(s[2], _mm256_loadu_si256(p.add(64).cast()));
+                    s[3] = _mm256_add_epi16(s[3], _mm256_loadu_si256(p.add(96).cast()));
                 }
+            }
+            for (v, s) in a.iter_mut().zip(s) {
+                *v = _mm256_add_epi16(_mm256_sll_epi16(*v, sh), s);
             }
         }
         let cnt = _mm_cvtsi32_si128(seg.shift32.abs());
