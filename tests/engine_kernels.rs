@@ -181,19 +181,40 @@ proptest! {
             .collect();
         let want: Vec<(Vec<u8>, Vec<f32>)> =
             tiles.iter().map(|t| run_program(scalar.as_ref(), &prog, t, u8_out)).collect();
+        // Rows of channel i at i * stride (a plane), tile j at + j * LANES; the gaps stay put.
+        let stride = 2 * LANES + rng.below(100) as usize;
+        let len = (cout - 1) * stride + 2 * LANES;
         for kernel in available_kernels() {
-            let (mut b0, mut b1) = (vec![0u8; cout * LANES], vec![0u8; cout * LANES]);
-            let (mut f0, mut f1) = (vec![0f32; cout * LANES], vec![0f32; cout * LANES]);
+            let (mut bytes, mut floats) = (vec![7u8; len], vec![7f32; len]);
             let out = if u8_out {
-                [TileOut::U8(&mut b0), TileOut::U8(&mut b1)]
+                TileOut::U8(&mut bytes)
             } else {
-                [TileOut::F32(&mut f0), TileOut::F32(&mut f1)]
+                TileOut::F32(&mut floats)
             };
-            kernel.run_channels2(&prog, 0, cout, [&tiles[0], &tiles[1]], out);
-            for (h, (b, f)) in [(&b0, &f0), (&b1, &f1)].into_iter().enumerate() {
-                prop_assert_eq!(b, &want[h].0, "kernel {} tile {}", kernel.name(), h);
-                let bits_eq = f.iter().zip(&want[h].1).all(|(a, b)| a.to_bits() == b.to_bits());
-                prop_assert!(bits_eq, "kernel {} f32 outputs of tile {} differ", kernel.name(), h);
+            kernel.run_channels2(&prog, 0, cout, [&tiles[0], &tiles[1]], out, stride);
+            for i in 0..cout {
+                for (h, want) in want.iter().enumerate() {
+                    let at = i * stride + h * LANES;
+                    let lanes = at..at + LANES;
+                    if u8_out {
+                        prop_assert_eq!(
+                            &bytes[lanes],
+                            &want.0[i * LANES..][..LANES],
+                            "kernel {} channel {} tile {}", kernel.name(), i, h
+                        );
+                    } else {
+                        let bits_eq = floats[lanes]
+                            .iter()
+                            .zip(&want.1[i * LANES..][..LANES])
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        prop_assert!(bits_eq, "kernel {} f32 channel {} tile {}", kernel.name(), i, h);
+                    }
+                }
+                if i + 1 < cout {
+                    let gap = i * stride + 2 * LANES..(i + 1) * stride;
+                    prop_assert!(bytes[gap.clone()].iter().all(|&b| b == 7), "gap written");
+                    prop_assert!(floats[gap].iter().all(|&f| f == 7.0), "gap written");
+                }
             }
         }
     }

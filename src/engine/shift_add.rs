@@ -771,47 +771,37 @@ fn conv_block(
             }
             let n = b - a;
             let stored = if two { 2 } else { 1 };
+            // Whole pairs of an unpadded plane go straight to their rows; the rest is staged.
+            let straight = two && geom.pitch == geom.width && base + 2 * LANES <= geom.positions;
             match &mut out {
+                OutSlice::U8(o) if straight => {
+                    let dst = &mut o[(a - lo) * plane + base..];
+                    kernel.run_channels2(prog, a, n, [t0, t1], TileOut::U8(dst), plane);
+                }
                 OutSlice::U8(o) => {
-                    let (s0, s1) = stage_u8.split_at_mut(rows * LANES);
                     if two {
-                        kernel.run_channels2(
-                            prog,
-                            a,
-                            n,
-                            [t0, t1],
-                            [TileOut::U8(s0), TileOut::U8(s1)],
-                        );
+                        let stage = TileOut::U8(&mut stage_u8);
+                        kernel.run_channels2(prog, a, n, [t0, t1], stage, 2 * LANES);
                     } else {
-                        kernel.run_channels(prog, a, n, t0, TileOut::U8(s0));
+                        kernel.run_channels(prog, a, n, t0, TileOut::U8(&mut stage_u8));
                     }
-                    for h in 0..stored {
-                        for i in 0..n {
-                            let dst = &mut o[(a + i - lo) * plane..][..plane];
-                            let lanes = &stage_u8[(h * rows + i) * LANES..][..LANES];
-                            store_flat(lanes, base + h * LANES, geom, dst);
-                        }
+                    for i in 0..n {
+                        let dst = &mut o[(a + i - lo) * plane..][..plane];
+                        let lanes = &stage_u8[i * stored * LANES..][..stored * LANES];
+                        store_flat(lanes, base, geom, dst);
                     }
                 }
                 OutSlice::F32(o) => {
-                    let (s0, s1) = stage_f32.split_at_mut(rows * LANES);
                     if two {
-                        kernel.run_channels2(
-                            prog,
-                            a,
-                            n,
-                            [t0, t1],
-                            [TileOut::F32(s0), TileOut::F32(s1)],
-                        );
+                        let stage = TileOut::F32(&mut stage_f32);
+                        kernel.run_channels2(prog, a, n, [t0, t1], stage, 2 * LANES);
                     } else {
-                        kernel.run_channels(prog, a, n, t0, TileOut::F32(s0));
+                        kernel.run_channels(prog, a, n, t0, TileOut::F32(&mut stage_f32));
                     }
-                    for h in 0..stored {
-                        for i in 0..n {
-                            let dst = &mut o[(a + i - lo) * plane..][..plane];
-                            let lanes = &stage_f32[(h * rows + i) * LANES..][..LANES];
-                            store_flat(lanes, base + h * LANES, geom, dst);
-                        }
+                    for i in 0..n {
+                        let dst = &mut o[(a + i - lo) * plane..][..plane];
+                        let lanes = &stage_f32[i * stored * LANES..][..stored * LANES];
+                        store_flat(lanes, base, geom, dst);
                     }
                 }
             }

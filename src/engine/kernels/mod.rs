@@ -639,21 +639,33 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
         out: TileOut<'_>,
     );
 
-    /// Runs output channels `first_oc .. first_oc + n` over two tiles (two runs of positions),
-    /// writing `out[j]` from `tiles[j]`: exactly what [`Self::run_channels`] on each computes. A
-    /// kernel may run both at once (one pass over each channel's schedule, twice the independent
-    /// accumulators). Panics as `run_channels` does.
+    /// Runs output channels `first_oc .. first_oc + n` over two tiles (two runs of positions):
+    /// channel `first_oc + i`'s [`LANES`] outputs from `tiles[j]` go to `out[i * stride + j *
+    /// LANES..]`, exactly what [`Self::run_channels`] on each tile computes. With `stride` the
+    /// plane size, the outputs land straight in their planes. A kernel may run both tiles at once
+    /// (one pass over each channel's schedule, twice the independent accumulators). Panics as
+    /// `run_channels` does, or unless `stride >= 2 * LANES` and `out` holds `(n - 1) * stride + 2 *
+    /// LANES` values.
     fn run_channels2(
         &self,
         prog: &ConvProgram,
         first_oc: usize,
         n: usize,
         tiles: [&[i16]; 2],
-        out: [TileOut<'_>; 2],
+        mut out: TileOut<'_>,
+        stride: usize,
     ) {
-        let [o0, o1] = out;
-        self.run_channels(prog, first_oc, n, tiles[0], o0);
-        self.run_channels(prog, first_oc, n, tiles[1], o1);
+        check_paired_out(n, &out, stride);
+        for i in 0..n {
+            for (j, tile) in tiles.into_iter().enumerate() {
+                let at = i * stride + j * LANES;
+                let row = match &mut out {
+                    TileOut::U8(o) => TileOut::U8(&mut o[at..][..LANES]),
+                    TileOut::F32(o) => TileOut::F32(&mut o[at..][..LANES]),
+                };
+                self.run_channels(prog, first_oc + i, 1, tile, row);
+            }
+        }
     }
 
     /// Copies one `[h][w]` input channel into its phase planes `phases` (`[sy][sx][hq][wq]`,
@@ -688,6 +700,19 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
         src: &[u8],
         geom: FlatGeometry,
         out: PlaneOut<'_>,
+    );
+}
+
+/// The output checks of [`ShiftAddKernel::run_channels2`].
+pub(crate) fn check_paired_out(n: usize, out: &TileOut<'_>, stride: usize) {
+    let len = match out {
+        TileOut::U8(o) => o.len(),
+        TileOut::F32(o) => o.len(),
+    };
+    assert!(stride >= 2 * LANES, "paired tile rows overlap");
+    assert!(
+        n == 0 || len >= (n - 1) * stride + 2 * LANES,
+        "output too small"
     );
 }
 

@@ -22,7 +22,8 @@ use crate::engine::quant_params::QParams;
 
 use super::{
     Activation, BinaryOp, ConvProgram, FlatGeometry, LANES, OutputKind, PhaseSplit, PlaneOut,
-    RowCopy, Segment, ShiftAddKernel, TileOut, check_direct, split_phases_with, store_flat,
+    RowCopy, Segment, ShiftAddKernel, TileOut, check_direct, check_paired_out, split_phases_with,
+    store_flat,
 };
 
 /// Bytes between tile rows.
@@ -95,7 +96,7 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
         check_run(prog, first_oc, n, tile, out_len);
         // SAFETY: the features exist (constructor); `check_run` bounds the channels, tile and
         // output; `ConvProgram::build` guarantees every term indexes a tap below `k`.
-        unsafe { run_channels_avx512(prog, first_oc, n, [tile], [out]) }
+        unsafe { run_channels_avx512(prog, first_oc, n, [tile], out, LANES) }
     }
 
     fn run_channels2(
@@ -104,18 +105,18 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
         first_oc: usize,
         n: usize,
         tiles: [&[i16]; 2],
-        out: [TileOut<'_>; 2],
+        out: TileOut<'_>,
+        stride: usize,
     ) {
-        for (t, o) in tiles.iter().zip(&out) {
-            let out_len = match o {
-                TileOut::U8(o) => o.len(),
-                TileOut::F32(o) => o.len(),
-            };
-            check_run(prog, first_oc, n, t, out_len);
+        check_paired_out(n, &out, stride);
+        for t in tiles {
+            // The output is checked above; this checks the program, channels and tile.
+            check_run(prog, first_oc, n, t, n * LANES);
         }
-        // SAFETY: the features exist (constructor); `check_run` bounds the channels, both tiles
-        // and both outputs; `ConvProgram::build` guarantees every term indexes a tap below `k`.
-        unsafe { run_channels_avx512(prog, first_oc, n, tiles, out) }
+        // SAFETY: the features exist (constructor); `check_run` bounds the channels and both
+        // tiles, `check_paired_out` the output rows `i * stride + j * LANES .. + LANES`;
+        // `ConvProgram::build` guarantees every term indexes a tap below `k`.
+        unsafe { run_channels_avx512(prog, first_oc, n, tiles, out, stride) }
     }
 
     fn run_direct(
@@ -343,50 +344,52 @@ unsafe fn epilogue_avx512(acc: __m512i, mult: __m512, add: __m512, act: Activati
     }
 }
 
-/// Runs channels `first_oc .. first_oc + n` over `N` tiles, writing `out[j]` from `tiles[j]`. The
-/// caller has checked the channel range, every tile and every output (see `run_channels`).
+/// Runs channels `first_oc .. first_oc + n` over `N` tiles, writing channel `first_oc + i`'s
+/// outputs from `tiles[j]` to `out[i * stride + j * LANES..]`. The caller has checked the channel
+/// range, every tile and that those rows are inside `out` (see `run_channels`).
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn run_channels_avx512<const N: usize>(
     prog: &ConvProgram,
     first_oc: usize,
     n: usize,
     tiles: [&[i16]; N],
-    out: [TileOut<'_>; N],
+    out: TileOut<'_>,
+    stride: usize,
 ) {
     let tp = tiles.map(|t| t.as_ptr());
-    if let OutputKind::U8 { zero_point } = prog.out {
-        let dst = out.map(|o| match o {
-            TileOut::U8(o) => o.as_mut_ptr(),
-            TileOut::F32(_) => panic!("f32 output for a u8 conv"),
-        });
-        let zp16 = _mm512_set1_epi16(i16::from(zero_point));
-        for i in 0..n {
-            let oc = first_oc + i;
-            // SAFETY: bounds checked by the caller (see `run_channels`).
-            let acc = unsafe { channel_acc_avx512(prog, oc, tp) };
-            let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
-            for (acc, d) in acc.iter().zip(dst) {
-                let bytes = codes_avx512(acc, m, a, prog.act, zp16);
-                // SAFETY: each output holds n rows of LANES (checked).
-                unsafe { _mm512_storeu_si512(d.add(i * LANES).cast(), bytes) };
+    match out {
+        TileOut::U8(out) => {
+            let OutputKind::U8 { zero_point } = prog.out else {
+                panic!("u8 output for an f32 conv")
+            };
+            let zp16 = _mm512_set1_epi16(i16::from(zero_point));
+            let d = out.as_mut_ptr();
+            for i in 0..n {
+                let oc = first_oc + i;
+                // SAFETY: bounds checked by the caller (see `run_channels`).
+                let acc = unsafe { channel_acc_avx512(prog, oc, tp) };
+                let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
+                for (j, acc) in acc.iter().enumerate() {
+                    let bytes = codes_avx512(acc, m, a, prog.act, zp16);
+                    // SAFETY: row i * stride + j * LANES .. + LANES is inside `out` (checked).
+                    unsafe { _mm512_storeu_si512(d.add(i * stride + j * LANES).cast(), bytes) };
+                }
             }
         }
-    } else {
-        let dst = out.map(|o| match o {
-            TileOut::F32(o) => o.as_mut_ptr(),
-            TileOut::U8(_) => panic!("u8 output for an f32 conv"),
-        });
-        for i in 0..n {
-            let oc = first_oc + i;
-            // SAFETY: bounds checked by the caller.
-            let acc = unsafe { channel_acc_avx512(prog, oc, tp) };
-            let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
-            for (acc, d) in acc.iter().zip(dst) {
-                for (j, &v) in acc.iter().enumerate() {
-                    // SAFETY: features enabled; each output holds n rows of LANES (checked).
-                    unsafe {
-                        let t = epilogue_avx512(v, m, a, prog.act);
-                        _mm512_storeu_ps(d.add(i * LANES + j * 16), t);
+        TileOut::F32(out) => {
+            let d = out.as_mut_ptr();
+            for i in 0..n {
+                let oc = first_oc + i;
+                // SAFETY: bounds checked by the caller.
+                let acc = unsafe { channel_acc_avx512(prog, oc, tp) };
+                let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
+                for (j, acc) in acc.iter().enumerate() {
+                    for (q, &v) in acc.iter().enumerate() {
+                        // SAFETY: features enabled; the row is inside `out` (checked).
+                        unsafe {
+                            let t = epilogue_avx512(v, m, a, prog.act);
+                            _mm512_storeu_ps(d.add(i * stride + j * LANES + q * 16), t);
+                        }
                     }
                 }
             }
