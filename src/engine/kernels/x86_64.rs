@@ -276,61 +276,60 @@ unsafe fn build_tile_avx512(src: &[u8], taps: &[u32], base: usize, tile: &mut [i
 
 /// Runs output channel `oc`'s schedule over `N` tiles at once: each chunk's row indices are read
 /// once for all tiles, and the `2 N` accumulators form independent dependency chains. Returns the
-/// 32-bit accumulators of each tile's four 16-lane quarters. The caller guarantees that every
-/// tile holds the program's `2k + 1` rows.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn channel_acc_avx512<const N: usize>(
-    prog: &ConvProgram,
-    oc: usize,
-    tiles: [*const i16; N],
-) -> [[__m512i; 4]; N] {
-    let zero = _mm512_setzero_si512();
-    let mut acc = [[zero; 4]; N];
-    let tb = tiles.map(|t| t.cast::<u8>());
-    for seg in channel_segments(prog, oc) {
-        let mut a = [[zero; 2]; N];
-        for chunk in &prog.chunks[seg.first as usize..][..seg.len as usize] {
-            let sh = _mm_cvtsi32_si128(i32::from(chunk.shl16));
-            // The chunk's rows are summed off the accumulators' dependency chains (wrapping adds
-            // are associative, so the result is the same), leaving one shift and one add per
-            // chunk on each chain.
-            let mut sum = [[zero; 2]; N];
-            for &r in &chunk.rows {
-                let off = usize::from(r) * ROW_BYTES;
-                for (s, t) in sum.iter_mut().zip(tb) {
-                    // SAFETY: r < 2k + 1 (program invariant) and each tile holds 2k + 1 rows.
-                    unsafe {
-                        let p = t.add(off);
-                        s[0] = _mm512_add_epi16(s[0], _mm512_loadu_si512(p.cast()));
-                        s[1] = _mm512_add_epi16(s[1], _mm512_loadu_si512(p.add(64).cast()));
+/// 32-bit accumulators of each tile's four 16-lane quarters. A macro rather than a
+/// function: a `target_feature` function cannot be forced inline, and returned by value the 16
+/// accumulators went through the stack. The caller guarantees that every tile holds the
+/// program's `2k + 1` rows and runs it inside an AVX-512BW `target_feature` function.
+macro_rules! channel_acc_avx512 {
+    ($prog:expr, $oc:expr, $tiles:expr) => {{
+        let (prog, oc, tiles): (&ConvProgram, usize, [*const i16; N]) = ($prog, $oc, $tiles);
+        let zero = _mm512_setzero_si512();
+        let mut acc = [[zero; 4]; N];
+        let tb = tiles.map(|t| t.cast::<u8>());
+        for seg in channel_segments(prog, oc) {
+            let mut a = [[zero; 2]; N];
+            for chunk in &prog.chunks[seg.first as usize..][..seg.len as usize] {
+                let sh = _mm_cvtsi32_si128(i32::from(chunk.shl16));
+                // The chunk's rows are summed off the accumulators' dependency chains (wrapping adds
+                // are associative, so the result is the same), leaving one shift and one add per
+                // chunk on each chain.
+                let mut sum = [[zero; 2]; N];
+                for &r in &chunk.rows {
+                    let off = usize::from(r) * ROW_BYTES;
+                    for (s, t) in sum.iter_mut().zip(tb) {
+                        // SAFETY: r < 2k + 1 (program invariant) and each tile holds 2k + 1 rows.
+                        unsafe {
+                            let p = t.add(off);
+                            s[0] = _mm512_add_epi16(s[0], _mm512_loadu_si512(p.cast()));
+                            s[1] = _mm512_add_epi16(s[1], _mm512_loadu_si512(p.add(64).cast()));
+                        }
                     }
                 }
+                for (v, s) in a.iter_mut().zip(sum) {
+                    v[0] = _mm512_add_epi16(_mm512_sll_epi16(v[0], sh), s[0]);
+                    v[1] = _mm512_add_epi16(_mm512_sll_epi16(v[1], sh), s[1]);
+                }
             }
-            for (v, s) in a.iter_mut().zip(sum) {
-                v[0] = _mm512_add_epi16(_mm512_sll_epi16(v[0], sh), s[0]);
-                v[1] = _mm512_add_epi16(_mm512_sll_epi16(v[1], sh), s[1]);
+            let cnt = _mm_cvtsi32_si128(seg.shift32.abs());
+            for (acc, v) in acc.iter_mut().zip(a) {
+                let wide = [
+                    _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v[0])),
+                    _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v[0])),
+                    _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v[1])),
+                    _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v[1])),
+                ];
+                for (a, w) in acc.iter_mut().zip(wide) {
+                    let s = if seg.shift32 >= 0 {
+                        _mm512_sll_epi32(w, cnt)
+                    } else {
+                        _mm512_sra_epi32(w, cnt)
+                    };
+                    *a = _mm512_add_epi32(*a, s);
+                }
             }
         }
-        let cnt = _mm_cvtsi32_si128(seg.shift32.abs());
-        for (acc, v) in acc.iter_mut().zip(a) {
-            let wide = [
-                _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v[0])),
-                _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v[0])),
-                _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v[1])),
-                _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v[1])),
-            ];
-            for (a, w) in acc.iter_mut().zip(wide) {
-                let s = if seg.shift32 >= 0 {
-                    _mm512_sll_epi32(w, cnt)
-                } else {
-                    _mm512_sra_epi32(w, cnt)
-                };
-                *a = _mm512_add_epi32(*a, s);
-            }
-        }
-    }
-    acc
+        acc
+    }};
 }
 
 #[inline]
@@ -366,8 +365,8 @@ unsafe fn run_channels_avx512<const N: usize>(
             let d = out.as_mut_ptr();
             for i in 0..n {
                 let oc = first_oc + i;
-                // SAFETY: bounds checked by the caller (see `run_channels`).
-                let acc = unsafe { channel_acc_avx512(prog, oc, tp) };
+                // The tiles hold 2k + 1 rows: checked by the caller (see `run_channels`).
+                let acc = channel_acc_avx512!(prog, oc, tp);
                 let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
                 for (j, acc) in acc.iter().enumerate() {
                     let bytes = codes_avx512(acc, m, a, prog.act, zp16);
@@ -380,8 +379,8 @@ unsafe fn run_channels_avx512<const N: usize>(
             let d = out.as_mut_ptr();
             for i in 0..n {
                 let oc = first_oc + i;
-                // SAFETY: bounds checked by the caller.
-                let acc = unsafe { channel_acc_avx512(prog, oc, tp) };
+                // The tiles hold 2k + 1 rows: checked by the caller.
+                let acc = channel_acc_avx512!(prog, oc, tp);
                 let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
                 for (j, acc) in acc.iter().enumerate() {
                     for (q, &v) in acc.iter().enumerate() {
