@@ -114,22 +114,10 @@ fn parse_annotation(
     image: PathBuf,
     warnings: &mut Vec<String>,
 ) -> Result<GtImage> {
-    let doc = roxmltree::Document::parse(text).map_err(|e| data_err(origin, e))?;
-    let root = doc.root_element();
-    let number = |node: Node<'_, '_>, name: &str| -> Result<f64> {
-        let s = field(node, name).ok_or_else(|| data_err(origin, format!("missing <{name}>")))?;
-        s.parse::<f64>()
-            .ok()
-            .filter(|v| v.is_finite())
-            .ok_or_else(|| data_err(origin, format!("<{name}> is not a number: {s:?}")))
-    };
-
-    let (mut width, mut height) = (0u32, 0u32);
-    if let Some(size) = child(root, "size") {
-        // Some converters write sizes as `500.0`; a size of 0 means "unknown" in VOC exports.
-        width = number(size, "width").map_or(0, |v| v.max(0.0) as u32);
-        height = number(size, "height").map_or(0, |v| v.max(0.0) as u32);
-    }
+    let xml = read_voc_xml(text).map_err(|e| data_err(origin, e))?;
+    // Some converters write sizes as `500.0`; a size of 0 means "unknown" in VOC exports.
+    let mut width = xml.width.map_or(0, |v| v.max(0.0) as u32);
+    let mut height = xml.height.map_or(0, |v| v.max(0.0) as u32);
     if width == 0 || height == 0 {
         let (w, h) = image::image_dimensions(&image).map_err(|e| {
             data_err(
@@ -139,41 +127,14 @@ fn parse_annotation(
         })?;
         (width, height) = (w, h);
     }
-
     let mut objects = Vec::new();
-    for (index, obj) in root
-        .children()
-        .filter(|c| c.is_element() && c.has_tag_name("object"))
-        .enumerate()
-    {
-        let class = field(obj, "name")
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| data_err(origin, format!("object {index} has no <name>")))?
-            .to_string();
-        let difficult = match field(obj, "difficult") {
-            None | Some("") | Some("0") | Some("false") => false,
-            Some("1") | Some("true") => true,
-            Some(other) => {
-                return Err(data_err(
-                    origin,
-                    format!("object {index}: bad <difficult> {other:?}"),
-                ));
-            }
-        };
-        let bndbox = child(obj, "bndbox")
-            .ok_or_else(|| data_err(origin, format!("object {index} has no <bndbox>")))?;
-        let raw = [
-            number(bndbox, "xmin")?,
-            number(bndbox, "ymin")?,
-            number(bndbox, "xmax")?,
-            number(bndbox, "ymax")?,
-        ];
-        let what = format!("{}: object {index} ({class})", origin.display());
-        if let Some(bbox) = sanitize_box(raw, width, height, &what, warnings) {
+    for o in xml.objects {
+        let what = format!("{}: object {} ({})", origin.display(), o.index, o.name);
+        if let Some(bbox) = sanitize_box(o.bbox, width, height, &what, warnings) {
             objects.push(GtObject {
-                class,
+                class: o.name,
                 bbox,
-                difficult,
+                difficult: o.difficult,
             });
         }
     }
@@ -182,6 +143,82 @@ fn parse_annotation(
         path: image,
         width,
         height,
+        objects,
+    })
+}
+
+/// What a VOC annotation file says, before a reader decides what its boxes mean: the evaluator
+/// clips them to the image, training turns them into targets of the model's classes.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct VocXml {
+    /// `<filename>`, when present and not empty.
+    pub filename: Option<String>,
+    /// `<size>`'s width and height when they are numbers (`500.0` happens; 0 means unknown).
+    pub width: Option<f64>,
+    pub height: Option<f64>,
+    pub objects: Vec<VocXmlObject>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct VocXmlObject {
+    /// Position among the file's objects, for messages.
+    pub index: usize,
+    pub name: String,
+    pub difficult: bool,
+    /// `[xmin, ymin, xmax, ymax]` as written: 1-based, inclusive pixel indices.
+    pub bbox: [f64; 4],
+}
+
+/// Parses one VOC annotation. An object without a name, box or numeric coordinates, or with a
+/// `<difficult>` that is not 0/1, makes the whole file an error (its other boxes cannot be
+/// trusted either).
+pub(crate) fn read_voc_xml(text: &str) -> std::result::Result<VocXml, String> {
+    let doc = roxmltree::Document::parse(text).map_err(|e| e.to_string())?;
+    let root = doc.root_element();
+    let number = |node: Node<'_, '_>, name: &str| -> std::result::Result<f64, String> {
+        let s = field(node, name).ok_or_else(|| format!("missing <{name}>"))?;
+        s.parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| format!("<{name}> is not a number: {s:?}"))
+    };
+    let size = child(root, "size");
+    let mut objects = Vec::new();
+    for (index, obj) in root
+        .children()
+        .filter(|c| c.is_element() && c.has_tag_name("object"))
+        .enumerate()
+    {
+        let name = field(obj, "name")
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| format!("object {index} has no <name>"))?
+            .to_string();
+        let difficult = match field(obj, "difficult") {
+            None | Some("") | Some("0") | Some("false") => false,
+            Some("1") | Some("true") => true,
+            Some(other) => return Err(format!("object {index}: bad <difficult> {other:?}")),
+        };
+        let bndbox =
+            child(obj, "bndbox").ok_or_else(|| format!("object {index} has no <bndbox>"))?;
+        let bbox = [
+            number(bndbox, "xmin")?,
+            number(bndbox, "ymin")?,
+            number(bndbox, "xmax")?,
+            number(bndbox, "ymax")?,
+        ];
+        objects.push(VocXmlObject {
+            index,
+            name,
+            difficult,
+            bbox,
+        });
+    }
+    Ok(VocXml {
+        filename: field(root, "filename")
+            .filter(|f| !f.is_empty())
+            .map(str::to_string),
+        width: size.and_then(|s| number(s, "width").ok()),
+        height: size.and_then(|s| number(s, "height").ok()),
         objects,
     })
 }

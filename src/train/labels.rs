@@ -222,17 +222,6 @@ fn find_photo(dir: &Path, xml: &Path, filename: Option<&str>) -> Option<PathBuf>
         .find(|p| p.is_file())
 }
 
-type Node<'a, 'i> = roxmltree::Node<'a, 'i>;
-
-fn child<'a, 'i>(node: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
-    node.children()
-        .find(|c| c.is_element() && c.has_tag_name(name))
-}
-
-fn field<'a>(node: Node<'a, '_>, name: &str) -> Option<&'a str> {
-    child(node, name).and_then(|c| c.text()).map(str::trim)
-}
-
 /// The class index of a label name: the model's own spelling, or the COCO spelling of a VOC class
 /// (`airplane` for `aeroplane`), which converted datasets use.
 fn class_index(name: &str, classes: &[String]) -> Option<usize> {
@@ -249,44 +238,15 @@ fn parse_voc_xml(
     classes: &[String],
     unknown: &mut BTreeMap<String, usize>,
 ) -> std::result::Result<(Option<String>, PhotoLabels), String> {
-    let doc = roxmltree::Document::parse(text).map_err(|e| e.to_string())?;
-    let root = doc.root_element();
-    let number = |node: Node<'_, '_>, name: &str| -> std::result::Result<f64, String> {
-        let s = field(node, name).ok_or_else(|| format!("missing <{name}>"))?;
-        s.parse::<f64>()
-            .ok()
-            .filter(|v| v.is_finite())
-            .ok_or_else(|| format!("<{name}> is not a number: {s:?}"))
+    let xml = crate::eval::read_voc_xml(text)?;
+    let size = match (xml.width, xml.height) {
+        (Some(w), Some(h)) if w >= 1.0 && h >= 1.0 => Some([w as u32, h as u32]),
+        _ => None,
     };
-    let size = child(root, "size").and_then(|s| {
-        // A size of 0 means "unknown" in some VOC exports; `500.0` appears too.
-        let w = number(s, "width").ok()?;
-        let h = number(s, "height").ok()?;
-        (w >= 1.0 && h >= 1.0).then_some([w as u32, h as u32])
-    });
     let mut boxes = Vec::new();
     let mut counted: Vec<String> = Vec::new();
-    for (index, obj) in root
-        .children()
-        .filter(|c| c.is_element() && c.has_tag_name("object"))
-        .enumerate()
-    {
-        let name = field(obj, "name")
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| format!("object {index} has no <name>"))?;
-        let difficult = match field(obj, "difficult") {
-            None | Some("") | Some("0") | Some("false") => false,
-            Some("1") | Some("true") => true,
-            Some(other) => return Err(format!("object {index}: bad <difficult> {other:?}")),
-        };
-        let bndbox =
-            child(obj, "bndbox").ok_or_else(|| format!("object {index} has no <bndbox>"))?;
-        let raw = [
-            number(bndbox, "xmin")?,
-            number(bndbox, "ymin")?,
-            number(bndbox, "xmax")?,
-            number(bndbox, "ymax")?,
-        ];
+    for obj in xml.objects {
+        let raw = obj.bbox;
         // VOC pixel indices are 1-based and inclusive: pixel `xmin` covers edges `xmin - 1 ..
         // xmin`, so the box spans edges `xmin - 1 .. xmax`.
         let mut b = [raw[0] - 1.0, raw[1] - 1.0, raw[2], raw[3]];
@@ -302,24 +262,21 @@ fn parse_voc_xml(
         if b[2] <= b[0] || b[3] <= b[1] {
             continue;
         }
-        let class = class_index(name, classes);
+        let class = class_index(&obj.name, classes);
         if class.is_none() {
-            counted.push(name.to_string());
+            counted.push(obj.name);
         }
         boxes.push(LabelBox {
             class: class.unwrap_or(0),
             bbox: b,
-            ignore: difficult || class.is_none(),
+            ignore: obj.difficult || class.is_none(),
         });
     }
     // Counted only once the whole file parsed, so a skipped file adds nothing.
     for name in counted {
         *unknown.entry(name).or_default() += 1;
     }
-    let filename = field(root, "filename")
-        .filter(|f| !f.is_empty())
-        .map(str::to_string);
-    Ok((filename, PhotoLabels { size, boxes }))
+    Ok((xml.filename, PhotoLabels { size, boxes }))
 }
 
 #[cfg(test)]
