@@ -65,5 +65,5 @@ pub use coco::{
 };
 pub use cocoeval::{coco_eval, coco_eval_results};
 pub use report::{CocoClassAp, CocoReport, CocoStats, VocClassAp, VocReport};
-pub(crate) use voc::read_voc_xml;
 pub use voc::{GtImage, GtObject, VocDataset, gt_classes, load_text_detections, load_text_gt};
+pub(crate) use voc::{clip_box, read_voc_xml};

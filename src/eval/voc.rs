@@ -223,6 +223,17 @@ pub(crate) fn read_voc_xml(text: &str) -> std::result::Result<VocXml, String> {
     })
 }
 
+/// `[x1, y1, x2, y2]` clipped to `[0, width] x [0, height]`.
+pub(crate) fn clip_box(b: [f64; 4], [width, height]: [u32; 2]) -> [f64; 4] {
+    let (w, h) = (f64::from(width), f64::from(height));
+    [
+        b[0].clamp(0.0, w),
+        b[1].clamp(0.0, h),
+        b[2].clamp(0.0, w),
+        b[3].clamp(0.0, h),
+    ]
+}
+
 /// Clips a box to the image and rejects one with no area, recording a warning for either. VOC
 /// coordinates are 1-based and a box may touch `width`, so the clip range is `[0, width]`; a box
 /// that is a single point (as two in BCCD are) has no area in any convention and is skipped.
@@ -235,13 +246,7 @@ pub(crate) fn sanitize_box(
 ) -> Option<[f64; 4]> {
     let mut b = raw;
     if width > 0 && height > 0 {
-        let (w, h) = (f64::from(width), f64::from(height));
-        b = [
-            b[0].clamp(0.0, w),
-            b[1].clamp(0.0, h),
-            b[2].clamp(0.0, w),
-            b[3].clamp(0.0, h),
-        ];
+        b = clip_box(b, [width, height]);
     }
     if b[2] <= b[0] || b[3] <= b[1] {
         let msg = format!("{what}: degenerate box {raw:?} skipped");

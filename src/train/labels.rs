@@ -250,14 +250,8 @@ fn parse_voc_xml(
         // VOC pixel indices are 1-based and inclusive: pixel `xmin` covers edges `xmin - 1 ..
         // xmin`, so the box spans edges `xmin - 1 .. xmax`.
         let mut b = [raw[0] - 1.0, raw[1] - 1.0, raw[2], raw[3]];
-        if let Some([w, h]) = size {
-            let (w, h) = (f64::from(w), f64::from(h));
-            b = [
-                b[0].clamp(0.0, w),
-                b[1].clamp(0.0, h),
-                b[2].clamp(0.0, w),
-                b[3].clamp(0.0, h),
-            ];
+        if let Some(size) = size {
+            b = crate::eval::clip_box(b, size);
         }
         if b[2] <= b[0] || b[3] <= b[1] {
             continue;
