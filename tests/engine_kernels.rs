@@ -111,7 +111,12 @@ proptest! {
             input_scale: 0.02,
             input_zero_point: zp,
             act: act_of(act),
-            output: u8_out.then_some((0.05 + rng.unit(), rng.below(256) as u8)),
+            // A tiny output scale a quarter of the time: `t` past 2^31, so the kernels keep the
+            // `min(t, 1024)` clamp (the build's bound fails); otherwise they may drop it.
+            output: u8_out.then(|| {
+                let scale = if rng.below(4) == 0 { 1e-10 } else { 0.05 + rng.unit() };
+                (scale, rng.below(256) as u8)
+            }),
         }).unwrap();
         // Saturated activations half the time: the overflow bound's worst case.
         let extreme = rng.below(2) == 0;

@@ -144,6 +144,10 @@ pub struct ConvProgram {
     pub(in crate::engine) add: Vec<f32>,
     pub(in crate::engine) act: Activation,
     pub(in crate::engine) out: OutputKind,
+    /// Set at build when `|acc * mult + add|` (and its activation) provably stays under `2^30` for
+    /// every reachable accumulator of every channel: a kernel may then skip `min(t, 1024)` before
+    /// the `i32` conversion, since the saturating packs then clamp alike.
+    pub(in crate::engine) clamp_free: bool,
     /// Largest tap offset, for the bounds check of [`ShiftAddKernel::build_tile`].
     pub(in crate::engine) max_tap: usize,
 }
@@ -233,6 +237,11 @@ impl ConvProgram {
                 Some((_, zp)) => OutputKind::U8 { zero_point: zp },
                 None => OutputKind::F32,
             },
+            clamp_free: true,
+        };
+        let act_gain = match spec.act {
+            Activation::Leaky(a) => f64::from(a).abs().max(1.0),
+            _ => 1.0,
         };
         let out_scale = spec.output.map_or(1.0, |(s, _)| f64::from(s));
         for oc in 0..cout {
@@ -251,9 +260,22 @@ impl ConvProgram {
                 })
                 .sum();
             let bias = spec.bias.map_or(0.0, |b| f64::from(b[oc]));
-            prog.mult.push(unit as f32);
-            prog.add
-                .push((bias / out_scale - unit * f64::from(spec.input_zero_point) * w_sum) as f32);
+            let (mult, add) = (
+                unit as f32,
+                (bias / out_scale - unit * f64::from(spec.input_zero_point) * w_sum) as f32,
+            );
+            // |acc| <= 255 * sum 2^(e_ref - e) plus one per term for the flooring right shifts.
+            let acc_max: f64 = codes
+                .iter()
+                .filter_map(|c| c.exponent())
+                .map(|e| 255.0 * 2f64.powi(e_ref - i32::from(e)) + 1.0)
+                .sum();
+            // f32 rounding adds at most a factor (1 + 2^-23) per step; 2^30 leaves ample margin.
+            let t_max = (acc_max * f64::from(mult).abs() + f64::from(add).abs()) * act_gain;
+            // (A NaN bound compares false and keeps the clamp.)
+            prog.clamp_free &= t_max < 2f64.powi(30);
+            prog.mult.push(mult);
+            prog.add.push(add);
         }
         Ok(prog)
     }

@@ -319,7 +319,10 @@ macro_rules! channel_acc_avx512 {
                     _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v[1])),
                 ];
                 for (a, w) in acc.iter_mut().zip(wide) {
-                    let s = if seg.shift32 >= 0 {
+                    // Single-segment channels have shift32 = 0: skip the identity shift.
+                    let s = if seg.shift32 == 0 {
+                        w
+                    } else if seg.shift32 > 0 {
                         _mm512_sll_epi32(w, cnt)
                     } else {
                         _mm512_sra_epi32(w, cnt)
@@ -362,6 +365,7 @@ unsafe fn run_channels_avx512<const N: usize>(
                 panic!("u8 output for an f32 conv")
             };
             let zp16 = _mm512_set1_epi16(i16::from(zero_point));
+            let clamp = !prog.clamp_free;
             let d = out.as_mut_ptr();
             for i in 0..n {
                 let oc = first_oc + i;
@@ -369,7 +373,7 @@ unsafe fn run_channels_avx512<const N: usize>(
                 let acc = channel_acc_avx512!(prog, oc, tp);
                 let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
                 for (j, acc) in acc.iter().enumerate() {
-                    let bytes = codes_avx512(acc, m, a, prog.act, zp16);
+                    let bytes = codes_avx512(acc, m, a, prog.act, zp16, clamp);
                     // SAFETY: row i * stride + j * LANES .. + LANES is inside `out` (checked).
                     unsafe { _mm512_storeu_si512(d.add(i * stride + j * LANES).cast(), bytes) };
                 }
@@ -396,26 +400,35 @@ unsafe fn run_channels_avx512<const N: usize>(
     }
 }
 
-/// Requantizes 64 lanes (four vectors of 16 `i32`) to `u8` codes in lane order.
+/// Requantizes 64 lanes (four vectors of 16 `i32`) to `u8` codes in lane order; `clamp: false`
+/// only where [`ConvProgram::clamp_free`] holds (see [`round_pack_avx512`]).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn codes_avx512(acc: &[__m512i], m: __m512, a: __m512, act: Activation, zp16: __m512i) -> __m512i {
+fn codes_avx512(
+    acc: &[__m512i],
+    m: __m512,
+    a: __m512,
+    act: Activation,
+    zp16: __m512i,
+    clamp: bool,
+) -> __m512i {
     let t: [__m512; 4] = std::array::from_fn(|j| {
         // SAFETY: features enabled by the enclosing target_feature.
         unsafe { epilogue_avx512(acc[j], m, a, act) }
     });
-    round_pack_avx512(t, zp16)
+    round_pack_avx512(t, zp16, clamp)
 }
 
 /// `clamp(round_half_even(clamp(t, -1024, 1024)) + zp, 0, 255)` of 64 lanes, in lane order.
+/// `clamp: false` skips `min(t, 1024)`, which is exact only where every `|t| < 2^31` (then the
+/// rounded value saturates in the packs exactly as 1024 would).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-fn round_pack_avx512(t: [__m512; 4], zp16: __m512i) -> __m512i {
+fn round_pack_avx512(t: [__m512; 4], zp16: __m512i, clamp: bool) -> __m512i {
     let hi = _mm512_set1_ps(1024.0);
     let r = t.map(|t| {
-        _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_min_ps(t, hi),
-        )
+        let t = if clamp { _mm512_min_ps(t, hi) } else { t };
+        _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t)
     });
     let p01 = _mm512_adds_epi16(_mm512_packs_epi32(r[0], r[1]), zp16);
     let p23 = _mm512_adds_epi16(_mm512_packs_epi32(r[2], r[3]), zp16);
@@ -470,7 +483,7 @@ unsafe fn binary_u8_avx512(a: &[u8], b: &[u8], grids: [QParams; 3], op: BinaryOp
             };
             _mm512_mul_ps(x, inv)
         });
-        let codes = round_pack_avx512(t, zp16);
+        let codes = round_pack_avx512(t, zp16, true);
         // SAFETY: the chunk holds 64 bytes.
         unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), codes) };
     }
@@ -490,7 +503,7 @@ unsafe fn quantize_f32_avx512(x: &[f32], p: QParams, out: &mut [u8]) {
             // NaN becomes code `zp` in `QParams::quantize` (`NaN as i32` is 0): zero it here.
             _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(t, t), t)
         });
-        let codes = round_pack_avx512(t, zp16);
+        let codes = round_pack_avx512(t, zp16, true);
         // SAFETY: the chunk holds 64 bytes.
         unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), codes) };
     }
@@ -597,6 +610,7 @@ unsafe fn run_direct_avx512(
     let s = src.as_ptr();
     let (m, a) = (_mm512_set1_ps(prog.mult[oc]), _mm512_set1_ps(prog.add[oc]));
     let act = prog.act;
+    let clamp = !prog.clamp_free;
     match out {
         PlaneOut::U8(out) => {
             let OutputKind::U8 { zero_point } = prog.out else {
@@ -617,7 +631,7 @@ unsafe fn run_direct_avx512(
                         let acc = direct_block_avx512::<4>(prog, taps, segs, s.add(f0));
                         for (h, q) in acc.chunks_exact(2).enumerate() {
                             let v = [q[0][0], q[0][1], q[1][0], q[1][1]];
-                            let bytes = codes_avx512(&v, m, a, act, zp16);
+                            let bytes = codes_avx512(&v, m, a, act, zp16, clamp);
                             store_rows_avx512(bytes, f0 + 64 * h, geom, o, &mut rows);
                         }
                     }
@@ -627,7 +641,7 @@ unsafe fn run_direct_avx512(
                     unsafe {
                         let acc = direct_block_avx512::<2>(prog, taps, segs, s.add(f0));
                         let v = [acc[0][0], acc[0][1], acc[1][0], acc[1][1]];
-                        let bytes = codes_avx512(&v, m, a, act, zp16);
+                        let bytes = codes_avx512(&v, m, a, act, zp16, clamp);
                         store_rows_avx512(bytes, f0, geom, o, &mut rows);
                     }
                     f0 += LANES;
