@@ -2,20 +2,19 @@
 //! down, a stopped run resumes from its checkpoint at the saved step and ends where an
 //! uninterrupted run ends, and the written `.lbw` loads and detects.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::log_steps;
 use lbw::detect::{DetectOptions, Detector, load_detector};
 use lbw::engine::tract_fp32::TractFp32;
 use lbw::model::lbw_file::LbwFile;
 use lbw::model::manifest;
-use lbw::quant::Bits;
-use lbw::train::{FinetuneConfig, StepReport, finetune};
+use lbw::train::{FinetuneConfig, finetune};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lbw-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("lbw-train", name)
 }
 
 /// Four VOC photos in their own folder (one of them greyscale, to exercise the RGB conversion).
@@ -42,28 +41,7 @@ fn photos(dir: &Path) -> PathBuf {
 }
 
 fn config(dir: &Path, images: &Path, out: &str) -> FinetuneConfig {
-    let mut cfg = FinetuneConfig::new(
-        "yolo-fastest-voc",
-        Bits::new(6).unwrap(),
-        vec![images.to_path_buf()],
-        dir.join(out),
-    );
-    cfg.steps = Some(8);
-    cfg.batch = 2;
-    cfg.resolution = Some(128);
-    cfg.lr = 1e-3;
-    cfg.warmup_steps = Some(1);
-    cfg.seed = 7;
-    cfg.checkpoint_every = 4;
-    cfg
-}
-
-fn log_steps(path: &Path) -> Vec<StepReport> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    common::short_run(images, dir.join(out), 8, 7)
 }
 
 #[test]

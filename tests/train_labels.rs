@@ -2,18 +2,17 @@
 //! distillation terms, a resumed labelled run still ends with the weights of an uninterrupted one,
 //! and bad label folders are clear errors or warnings.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::log_steps;
 use lbw::model::lbw_file::LbwFile;
-use lbw::quant::Bits;
 use lbw::train::labels::LabelSet;
 use lbw::train::{FinetuneConfig, StepReport, finetune};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lbw-labels-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("lbw-labels", name)
 }
 
 /// A VOC folder with the first `n` voc2007-sample photos and their annotations.
@@ -58,29 +57,9 @@ fn unlabelled(dir: &Path) -> PathBuf {
 }
 
 fn config(dir: &Path, voc: &Path, plain: &Path, out: &str) -> FinetuneConfig {
-    let mut cfg = FinetuneConfig::new(
-        "yolo-fastest-voc",
-        Bits::new(6).unwrap(),
-        vec![plain.to_path_buf()],
-        dir.join(out),
-    );
+    let mut cfg = common::short_run(plain, dir.join(out), 6, 3);
     cfg.label_dirs = vec![voc.to_path_buf()];
-    cfg.steps = Some(6);
-    cfg.batch = 2;
-    cfg.resolution = Some(128);
-    cfg.lr = 1e-3;
-    cfg.warmup_steps = Some(1);
-    cfg.seed = 3;
-    cfg.checkpoint_every = 3;
     cfg
-}
-
-fn log_steps(path: &Path) -> Vec<StepReport> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

@@ -48,17 +48,23 @@ pub(crate) fn channel_acc(prog: &ConvProgram, oc: usize, tile: &[i16]) -> [i32; 
                 }
             }
         }
-        for (a, &v) in acc.iter_mut().zip(&a16) {
-            let w = i32::from(v);
-            let shifted = if seg.shift32 >= 0 {
-                w.wrapping_shl(seg.shift32 as u32)
-            } else {
-                w >> (-seg.shift32).min(31)
-            };
-            *a = a.wrapping_add(shifted);
-        }
+        add_segment(&mut acc, &a16, seg.shift32);
     }
     acc
+}
+
+/// Sign-extends a finished 16-bit segment and adds it into the channel's 32-bit accumulator,
+/// shifted by `shift32` (left when positive; right, flooring, when negative).
+fn add_segment(acc: &mut [i32; LANES], a16: &[i16; LANES], shift32: i32) {
+    for (a, &v) in acc.iter_mut().zip(a16) {
+        let w = i32::from(v);
+        let shifted = if shift32 >= 0 {
+            w.wrapping_shl(shift32 as u32)
+        } else {
+            w >> (-shift32).min(31)
+        };
+        *a = a.wrapping_add(shifted);
+    }
 }
 
 /// Runs output channel `oc` of a direct program over the [`LANES`] flat positions from `base`:
@@ -81,15 +87,7 @@ pub(crate) fn direct_acc(prog: &ConvProgram, oc: usize, src: &[u8], base: usize)
                 };
             }
         }
-        for (a, &v) in acc.iter_mut().zip(&a16) {
-            let w = i32::from(v);
-            let shifted = if seg.shift32 >= 0 {
-                w.wrapping_shl(seg.shift32 as u32)
-            } else {
-                w >> (-seg.shift32).min(31)
-            };
-            *a = a.wrapping_add(shifted);
-        }
+        add_segment(&mut acc, &a16, seg.shift32);
     }
     acc
 }
