@@ -169,6 +169,16 @@ fn bad_inputs_are_clear_errors() {
     let e = finetune(&cfg, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("checkpoint"), "{e}");
 
+    // A checkpoint with learned scales does not resume as a run that recomputes them.
+    let mut cfg = config(&dir, &images, "alphas.lbw");
+    cfg.stop_after = Some(1);
+    let s = finetune(&cfg, &mut |_| {}).unwrap();
+    let mut cfg = config(&dir, &images, "alphas.lbw");
+    cfg.learned_alphas = false;
+    cfg.resume = Some(s.checkpoint);
+    let e = finetune(&cfg, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("--alphas learned"), "{e}");
+
     let mut cfg = config(&dir, &images, "x.lbw");
     cfg.resolution = Some(100);
     assert!(finetune(&cfg, &mut |_| {}).is_err());
@@ -226,4 +236,25 @@ fn training_interpreter_matches_tract_on_the_fp32_model() {
             .fold(0.0f32, f32::max);
         assert!(max_diff < 1e-2, "outputs differ by {max_diff}");
     }
+}
+
+/// A conv kept at full precision runs on the engine as a float step whose output is stored on an
+/// 8-bit grid before its activation; training must round that value too, or the written file
+/// could not run on the engine. Here the stem conv is kept, and the file loads on the engine.
+#[test]
+fn a_kept_conv_trains_and_runs_on_the_engine() {
+    let dir = scratch("keep");
+    let images = photos(&dir);
+    let mut cfg = config(&dir, &images, "kept.lbw");
+    cfg.steps = Some(2);
+    cfg.checkpoint_every = 2;
+    cfg.keep_full_precision = vec!["conv0.weight".into()];
+    let s = finetune(&cfg, &mut |_| {}).unwrap();
+    let out = s.output.unwrap();
+    let file = LbwFile::read(&out).unwrap();
+    assert!(!file.quantized.contains_key("conv0.weight"));
+    assert!(file.activation_scales.contains_key("conv0"));
+    let engine = load_detector(out.to_str().unwrap()).unwrap();
+    assert_eq!(engine.backend().engine(), "shift-add");
+    let _ = std::fs::remove_dir_all(&dir);
 }

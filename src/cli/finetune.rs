@@ -14,6 +14,12 @@ pub enum DeviceArg {
     Cuda,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AlphaArg {
+    Learned,
+    Rule,
+}
+
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
     /// Model id (see `lbw models`): the FP32 teacher and the starting weights.
@@ -21,6 +27,11 @@ pub struct FinetuneArgs {
     pub model: String,
     #[command(flatten)]
     pub quantizer: crate::cli::quantize::QuantizerArgs,
+    /// How the weights' scales are set during training: `learned` trains them (one per output
+    /// channel, or per tensor with --per-tensor) from the method's starting values; `rule`
+    /// recomputes them from the weights at every step, as the method does after training.
+    #[arg(long, value_enum, default_value_t = AlphaArg::Learned)]
+    pub alphas: AlphaArg,
     /// Keep this conv (node or weight name) at full precision; repeatable.
     #[arg(long = "keep")]
     pub keep: Vec<String>,
@@ -34,6 +45,11 @@ pub struct FinetuneArgs {
     /// Weight of the labelled loss against the distillation loss.
     #[arg(long, default_value_t = crate::train::yolo_loss::DEFAULT_LABEL_WEIGHT)]
     pub label_weight: f64,
+    /// Weights of the distillation terms for YOLOv3 heads, as OBJ,CLS,BOX: objectness KL at every
+    /// anchor, class KL (averaged over classes) and box error, both weighted by the teacher's
+    /// objectness.
+    #[arg(long, default_value = "1,1,1")]
+    pub loss_weights: crate::train::TermWeights,
     /// Total optimiser steps [default: 3000, about 30 minutes for yolo-fastest-voc on 2 cores].
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<u64>,
@@ -92,9 +108,11 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     cfg.method = args.quantizer.method;
     cfg.param = args.quantizer.param;
     cfg.per_channel = args.quantizer.per_channel();
+    cfg.learned_alphas = args.alphas == AlphaArg::Learned;
     cfg.keep_full_precision = args.keep;
     cfg.label_dirs = args.labels;
     cfg.label_weight = args.label_weight;
+    cfg.loss_weights = args.loss_weights;
     cfg.steps = args.steps;
     cfg.epochs = args.epochs;
     cfg.batch = args.batch;

@@ -1,8 +1,8 @@
 //! LBW-Net's semi-analytical quantizer: a closed-form scale with one free parameter.
 
 use super::{
-    Bits, Code, GroupScale, Method, QuantizedTensor, Quantizer, check_finite, nearest_exponent,
-    objective, quantize_groups, stored_alpha,
+    Bits, Code, GroupScale, Method, QuantizedTensor, Quantizer, check_finite, objective,
+    quantize_groups, round_to_levels, stored_alpha,
 };
 use crate::error::{Error, Result};
 
@@ -103,14 +103,7 @@ impl Quantizer for LbwThreshold {
             .scale
             .unwrap_or_else(|| Self::default_scale(bits, false));
         let alpha = stored_alpha(f64::from(c) * f64::from(max_abs))?;
-        let inv = 1.0 / f64::from(alpha);
-        let n = bits.exponents();
-        for (c, &x) in codes.iter_mut().zip(w) {
-            *c = match nearest_exponent(f64::from(x.abs()) * inv, n) {
-                None => Code::ZERO,
-                Some(e) => Code::new(x < 0.0, e),
-            };
-        }
+        round_to_levels(w, alpha, bits, codes);
         Ok(GroupScale {
             alpha,
             objective: objective(w, codes, alpha),

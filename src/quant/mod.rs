@@ -386,6 +386,52 @@ pub fn quantize_groups<Q: Quantizer + ?Sized>(
     })
 }
 
+/// Codes for given scales: one alpha per tensor (`alphas.len() == 1`) or per output channel, each
+/// weight rounded to the nearest level of its group's `alpha * {0, ±2^-e}`. For a fixed alpha this
+/// is the least-squares choice of codes whatever the method, which is why retraining with learned
+/// scales (`lbw finetune`) can share it across `lbw`, `optimal` and `ternary`.
+pub fn quantize_with_alphas(
+    w: &[f32],
+    shape: &[usize],
+    bits: Bits,
+    alphas: &[f32],
+) -> Result<QuantizedTensor> {
+    if checked_product(shape) != Some(w.len()) {
+        return Err(Error::Input(format!(
+            "shape {shape:?} does not hold {} values",
+            w.len()
+        )));
+    }
+    let groups = alphas.len();
+    if groups != 1 && shape.first() != Some(&groups) {
+        return Err(Error::Input(format!(
+            "{groups} scales fit neither one per tensor nor one per output channel of shape \
+             {shape:?}"
+        )));
+    }
+    check_finite(w)?;
+    let alphas = alphas
+        .iter()
+        .map(|&a| stored_alpha(f64::from(a)))
+        .collect::<Result<Vec<f32>>>()?;
+    let mut codes = vec![Code::ZERO; w.len()];
+    let g = w.len() / groups;
+    let mut objective_sum = 0.0;
+    if g > 0 {
+        for ((wg, cg), &alpha) in w.chunks(g).zip(codes.chunks_mut(g)).zip(&alphas) {
+            round_to_levels(wg, alpha, bits, cg);
+            objective_sum += objective(wg, cg, alpha);
+        }
+    }
+    Ok(QuantizedTensor {
+        bits,
+        shape: shape.to_vec(),
+        alphas,
+        codes,
+        objective: objective_sum,
+    })
+}
+
 /// Rejects NaN and infinite weights, naming the first one.
 pub fn check_finite(w: &[f32]) -> Result<()> {
     match w.iter().position(|x| !x.is_finite()) {
@@ -441,6 +487,18 @@ fn finish_with_best_alpha(w: &[f32], codes: &[Code]) -> Result<GroupScale> {
         alpha,
         objective: objective(w, codes, alpha),
     })
+}
+
+/// Each weight's nearest level of `alpha * {0, ±2^-e}` (`alpha > 0`).
+fn round_to_levels(w: &[f32], alpha: f32, bits: Bits, codes: &mut [Code]) {
+    let inv = 1.0 / f64::from(alpha);
+    let n = bits.exponents();
+    for (c, &x) in codes.iter_mut().zip(w) {
+        *c = match nearest_exponent(f64::from(x.abs()) * inv, n) {
+            None => Code::ZERO,
+            Some(e) => Code::new(x < 0.0, e),
+        };
+    }
 }
 
 /// Nearest-level rounding of `x = |w| / alpha >= 0`: `None` for zero, else the exponent index.

@@ -24,6 +24,13 @@ pub struct CheckpointHeader {
     pub method: String,
     pub param: Option<f32>,
     pub per_channel: bool,
+    /// Scales trained as parameters (their slots follow their weights in `params`); absent in
+    /// checkpoints from before they existed, which recomputed them every step.
+    #[serde(default)]
+    pub learned_alphas: bool,
+    /// Distillation term weights (the defaults in checkpoints from before they were settable).
+    #[serde(default)]
+    pub loss_weights: crate::train::TermWeights,
     pub keep_full_precision: Vec<String>,
     pub seed: u64,
     pub batch: usize,
@@ -150,6 +157,8 @@ mod tests {
             method: "lbw".into(),
             param: None,
             per_channel: false,
+            learned_alphas: false,
+            loss_weights: crate::train::TermWeights::default(),
             keep_full_precision: vec![],
             seed: 1,
             batch: 2,

@@ -77,10 +77,53 @@ impl DistillLoss {
     }
 }
 
-/// Relative weights of the YOLOv3 terms (see the module docs).
-const OBJECTNESS_WEIGHT: f64 = 1.0;
-const CLASS_WEIGHT: f64 = 1.0;
-const BOX_WEIGHT: f64 = 1.0;
+/// Relative weights of the YOLOv3 terms (objectness, classes, box; see the module docs), as
+/// `lbw finetune --loss-weights` sets them.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TermWeights {
+    pub objectness: f64,
+    pub class: f64,
+    pub bbox: f64,
+}
+
+impl Default for TermWeights {
+    fn default() -> Self {
+        TermWeights {
+            objectness: 1.0,
+            class: 1.0,
+            bbox: 1.0,
+        }
+    }
+}
+
+impl std::str::FromStr for TermWeights {
+    type Err = Error;
+
+    /// `OBJ,CLS,BOX`, each finite and non-negative.
+    fn from_str(s: &str) -> Result<TermWeights> {
+        let bad = || {
+            Error::Input(format!(
+                "loss weights must be three non-negative numbers OBJ,CLS,BOX, got {s:?}"
+            ))
+        };
+        let v: Vec<f64> = s
+            .split(',')
+            .map(|x| x.trim().parse::<f64>().map_err(|_| bad()))
+            .collect::<Result<_>>()?;
+        match v.as_slice() {
+            &[objectness, class, bbox]
+                if v.iter().all(|x| x.is_finite() && *x >= 0.0) && v.iter().any(|x| *x > 0.0) =>
+            {
+                Ok(TermWeights {
+                    objectness,
+                    class,
+                    bbox,
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
 
 fn bernoulli_kl<const D: usize>(
     student: Tensor<D>,
@@ -96,6 +139,7 @@ fn bernoulli_kl<const D: usize>(
 pub fn distill_loss(
     decoder: &DecoderSpec,
     num_classes: usize,
+    weights: TermWeights,
     student: &[Tensor<4>],
     teacher: &[Tensor<4>],
 ) -> Result<DistillLoss> {
@@ -108,7 +152,7 @@ pub fn distill_loss(
     }
     match decoder {
         DecoderSpec::Yolov3 { masks, .. } if masks.len() == student.len() => {
-            yolov3_loss(masks, num_classes, student, teacher)
+            yolov3_loss(masks, num_classes, weights, student, teacher)
         }
         _ => mse_loss(student, teacher),
     }
@@ -117,6 +161,7 @@ pub fn distill_loss(
 fn yolov3_loss(
     masks: &[Vec<usize>],
     num_classes: usize,
+    weights: TermWeights,
     student: &[Tensor<4>],
     teacher: &[Tensor<4>],
 ) -> Result<DistillLoss> {
@@ -171,9 +216,9 @@ fn yolov3_loss(
     let norm = mass + images as f64;
     let scale = |x: Option<Tensor<1>>, wgt: f64| x.map(|x| x * (wgt / norm));
     let parts: Vec<Tensor<1>> = [
-        scale(obj_sum, OBJECTNESS_WEIGHT),
-        scale(cls_sum, CLASS_WEIGHT),
-        scale(box_sum, BOX_WEIGHT),
+        scale(obj_sum, weights.objectness),
+        scale(cls_sum, weights.class),
+        scale(box_sum, weights.bbox),
     ]
     .into_iter()
     .flatten()
@@ -236,4 +281,18 @@ fn mse_loss(student: &[Tensor<4>], teacher: &[Tensor<4>]) -> Result<DistillLoss>
             ..LossParts::default()
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn term_weights_parse_three_non_negative_numbers() {
+        let w: TermWeights = "1, 20,0.5".parse().unwrap();
+        assert_eq!((w.objectness, w.class, w.bbox), (1.0, 20.0, 0.5));
+        for bad in ["1,2", "1,2,3,4", "1,-1,1", "a,b,c", "0,0,0", "1,inf,1", ""] {
+            assert!(bad.parse::<TermWeights>().is_err(), "{bad:?}");
+        }
+    }
 }

@@ -24,7 +24,7 @@ pub mod optim;
 mod rng;
 pub mod yolo_loss;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,9 +41,12 @@ use crate::error::{Error, Result};
 use crate::model::lbw_file::{LbwFile, LbwMetadata};
 use crate::model::manifest::InputSpec;
 use crate::model::{Graph, LoadedModel};
-use crate::quant::{Bits, Method, QuantizedTensor, Quantizer, simulate_graph};
+use crate::quant::{
+    Bits, Method, QuantizedTensor, Quantizer, quantize_with_alphas, simulate_graph,
+};
 use checkpoint::{Checkpoint, CheckpointHeader, ParamEntry};
 use data::{Augment, ImageSet};
+pub use distill::TermWeights;
 use distill::{LossParts, distill_loss};
 use labels::{LabelSet, PhotoLabels, TargetBox};
 use net::{ActivationQuant, ForwardWeights, TrainGraph, tensor_from, to_host};
@@ -66,6 +69,8 @@ pub const DEFAULT_RESOLUTION: u32 = 256;
 const CALIBRATION_BATCHES: u64 = 2;
 /// Per-step momentum of the activation-range moving average.
 const RANGE_MOMENTUM: f32 = 0.95;
+/// Floor for learned scales.
+const MIN_LEARNED_ALPHA: f32 = 1e-12;
 
 /// Where the compute runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -103,6 +108,10 @@ pub struct FinetuneConfig {
     pub method: Method,
     pub param: Option<f32>,
     pub per_channel: bool,
+    /// Train each quantized weight's scales (one per output channel, or per tensor) by gradient
+    /// descent, starting from the method's own; otherwise the method recomputes them from the
+    /// shadow weights at every step.
+    pub learned_alphas: bool,
     /// Convs left at full precision (node or weight names).
     pub keep_full_precision: Vec<String>,
     pub image_dirs: Vec<PathBuf>,
@@ -111,6 +120,8 @@ pub struct FinetuneConfig {
     pub label_dirs: Vec<PathBuf>,
     /// Weight of that loss against distillation ([`yolo_loss::DEFAULT_LABEL_WEIGHT`]).
     pub label_weight: f64,
+    /// Weights of the distillation terms of YOLOv3 heads.
+    pub loss_weights: TermWeights,
     /// Total optimiser steps; `None` with `epochs` unset means [`DEFAULT_STEPS`].
     pub steps: Option<u64>,
     /// Passes over the images (converted to steps); exclusive with `steps`.
@@ -146,10 +157,12 @@ impl FinetuneConfig {
             method: Method::Lbw,
             param: None,
             per_channel: true,
+            learned_alphas: true,
             keep_full_precision: vec![],
             image_dirs,
             label_dirs: vec![],
             label_weight: yolo_loss::DEFAULT_LABEL_WEIGHT,
+            loss_weights: TermWeights::default(),
             steps: None,
             epochs: None,
             batch: DEFAULT_BATCH,
@@ -225,21 +238,40 @@ pub struct FinetuneSummary {
     pub log: PathBuf,
 }
 
-/// A trainable tensor: a conv weight (quantized in the forward pass unless kept) or a bias.
+/// A trainable tensor: a conv weight (quantized in the forward pass unless kept), a bias, or the
+/// learned scales of a quantized weight.
 #[derive(Debug, Clone)]
 struct ParamSlot {
     name: String,
     shape: Vec<usize>,
     kind: ParamKind,
+    /// For a quantized weight with learned scales: the slot holding them.
+    alpha_slot: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum ParamKind {
-    Weight { quantized: bool },
+    Weight {
+        quantized: bool,
+    },
     Bias,
+    /// One scale per output channel (or one per tensor) of the weight slot `weight`.
+    Alpha {
+        weight: usize,
+    },
 }
 
-fn param_slots(graph: &Graph, keep: &[String]) -> Result<Vec<ParamSlot>> {
+/// The name under which a weight's learned scales appear in checkpoints.
+fn alpha_slot_name(weight: &str) -> String {
+    format!("{weight}#alpha")
+}
+
+fn param_slots(
+    graph: &Graph,
+    keep: &[String],
+    learned_alphas: bool,
+    per_channel: bool,
+) -> Result<Vec<ParamSlot>> {
     let keep: BTreeSet<&str> = keep.iter().map(String::as_str).collect();
     for name in &keep {
         if !graph
@@ -264,11 +296,22 @@ fn param_slots(graph: &Graph, keep: &[String]) -> Result<Vec<ParamSlot>> {
                 )));
             }
             let kept = keep.contains(node.name.as_str()) || keep.contains(conv.weight.as_str());
+            let weight = slots.len();
+            let learned = learned_alphas && !kept;
             slots.push(ParamSlot {
                 name: conv.weight.clone(),
                 shape: w.shape.clone(),
                 kind: ParamKind::Weight { quantized: !kept },
+                alpha_slot: learned.then_some(weight + 1),
             });
+            if learned {
+                slots.push(ParamSlot {
+                    name: alpha_slot_name(&conv.weight),
+                    shape: vec![if per_channel { w.shape[0] } else { 1 }],
+                    kind: ParamKind::Alpha { weight },
+                    alpha_slot: None,
+                });
+            }
         }
         if let Some(b) = &conv.bias
             && seen.insert(b.clone())
@@ -278,6 +321,7 @@ fn param_slots(graph: &Graph, keep: &[String]) -> Result<Vec<ParamSlot>> {
                 name: b.clone(),
                 shape: vec![t.len()],
                 kind: ParamKind::Bias,
+                alpha_slot: None,
             });
         }
     }
@@ -297,10 +341,38 @@ struct RunPlan {
     adam: Vec<AdamState>,
 }
 
+/// Each slot's starting value: the FP32 model's tensor, or for learned scales the scales the method
+/// itself picks for the FP32 weights (so step 0 is exactly post-training quantization).
+fn initial_values(
+    graph: &Graph,
+    slots: &[ParamSlot],
+    quantizer: &dyn Quantizer,
+    bits: Bits,
+    per_channel: bool,
+) -> Result<Vec<Vec<f32>>> {
+    slots
+        .iter()
+        .map(|s| match s.kind {
+            ParamKind::Alpha { weight } => {
+                let w = &slots[weight];
+                let q = quantizer.quantize_tensor(
+                    &graph.weight(&w.name)?.data,
+                    &w.shape,
+                    bits,
+                    per_channel,
+                )?;
+                Ok(q.alphas)
+            }
+            _ => Ok(graph.weight(&s.name)?.data.clone()),
+        })
+        .collect()
+}
+
 fn plan_run(
     cfg: &FinetuneConfig,
     model: &LoadedModel,
     slots: &[ParamSlot],
+    initial: &[Vec<f32>],
     images: usize,
 ) -> Result<RunPlan> {
     if let Some(path) = &cfg.resume {
@@ -323,6 +395,14 @@ fn plan_run(
                 "method",
                 format!("{} (per-channel {})", h.method, h.per_channel),
                 format!("{} (per-channel {})", cfg.method, cfg.per_channel),
+            ));
+        }
+        if h.learned_alphas != cfg.learned_alphas {
+            let name = |learned: bool| if learned { "learned" } else { "rule" }.to_string();
+            return Err(mismatch(
+                "--alphas",
+                name(h.learned_alphas),
+                name(cfg.learned_alphas),
             ));
         }
         let expected: Vec<ParamEntry> = slots
@@ -383,10 +463,7 @@ fn plan_run(
         Some(r) => [r, r],
         None => native.map(|n| n.min(DEFAULT_RESOLUTION)),
     };
-    let values = slots
-        .iter()
-        .map(|s| Ok(model.graph.weight(&s.name)?.data.clone()))
-        .collect::<Result<Vec<_>>>()?;
+    let values = initial.to_vec();
     let adam = values.iter().map(|v| AdamState::zeros(v.len())).collect();
     Ok(RunPlan {
         header: CheckpointHeader {
@@ -395,6 +472,8 @@ fn plan_run(
             method: cfg.method.name().to_string(),
             param: cfg.param,
             per_channel: cfg.per_channel,
+            learned_alphas: cfg.learned_alphas,
+            loss_weights: cfg.loss_weights,
             keep_full_precision: cfg.keep_full_precision.clone(),
             seed: cfg.seed,
             batch: cfg.batch,
@@ -509,8 +588,28 @@ impl BatchSource<'_> {
     }
 }
 
+/// A quantized weight slot's codes and scales: for its learned scales when it has them, else the
+/// method's own scales for the current shadow weights.
+fn quantize_slot(
+    slots: &[ParamSlot],
+    values: &[Vec<f32>],
+    i: usize,
+    quantizer: &dyn Quantizer,
+    bits: Bits,
+    per_channel: bool,
+) -> Result<QuantizedTensor> {
+    let s = &slots[i];
+    match s.alpha_slot {
+        Some(a) => quantize_with_alphas(&values[i], &s.shape, bits, &values[a]),
+        None => quantizer.quantize_tensor(&values[i], &s.shape, bits, per_channel),
+    }
+    .map_err(|e| Error::Model(format!("quantizing {}: {e}", s.name)))
+}
+
 /// The student's conv weights as the forward pass sees them: `alpha * Q(w)` for quantized weights,
-/// with the gradient passed straight through to the shadow weights.
+/// with the gradient passed straight through to the shadow weights. Also returns each quantized
+/// slot's codes, which the gradients of learned scales need.
+#[allow(clippy::too_many_arguments)]
 fn student_weights(
     slots: &[ParamSlot],
     values: &[Vec<f32>],
@@ -519,21 +618,19 @@ fn student_weights(
     per_channel: bool,
     device: &Device,
     track: bool,
-) -> Result<(ForwardWeights, Vec<Option<LeafParam>>)> {
-    let quantized: Vec<Option<Vec<f32>>> = slots
-        .par_iter()
-        .zip(values)
-        .map(|(s, v)| match s.kind {
-            ParamKind::Weight { quantized: true } => quantizer
-                .quantize_tensor(v, &s.shape, bits, per_channel)
-                .map(|q| Some(q.dequantize()))
-                .map_err(|e| Error::Model(format!("quantizing {}: {e}", s.name))),
+) -> Result<StudentWeights> {
+    let quantized: Vec<Option<QuantizedTensor>> = (0..slots.len())
+        .into_par_iter()
+        .map(|i| match slots[i].kind {
+            ParamKind::Weight { quantized: true } => {
+                quantize_slot(slots, values, i, quantizer, bits, per_channel).map(Some)
+            }
             _ => Ok(None),
         })
         .collect::<Result<_>>()?;
     let mut fw = ForwardWeights::default();
     let mut leaves = Vec::with_capacity(slots.len());
-    for ((s, v), q) in slots.iter().zip(values).zip(quantized) {
+    for ((s, v), q) in slots.iter().zip(values).zip(&quantized) {
         match s.kind {
             ParamKind::Weight { .. } => {
                 let shape = shape4(&s.shape)?;
@@ -543,7 +640,10 @@ fn student_weights(
                 }
                 let eff = match q {
                     // Straight-through: the value is Q(w), the gradient is the identity to w.
-                    Some(q) => leaf.clone() - leaf.clone().detach() + tensor_from(q, shape, device),
+                    Some(q) => {
+                        leaf.clone() - leaf.clone().detach()
+                            + tensor_from(q.dequantize(), shape, device)
+                    }
                     None => leaf.clone(),
                 };
                 fw.weights.insert(s.name.clone(), eff);
@@ -557,9 +657,74 @@ fn student_weights(
                 fw.biases.insert(s.name.clone(), leaf.clone());
                 leaves.push(track.then_some(LeafParam::B1(leaf)));
             }
+            // Enters through its weight's codes; its gradient is computed on the host
+            // (`learned_alpha_gradients`).
+            ParamKind::Alpha { .. } => leaves.push(None),
         }
     }
-    Ok((fw, leaves))
+    Ok(StudentWeights {
+        forward: fw,
+        leaves,
+        quantized,
+    })
+}
+
+struct StudentWeights {
+    forward: ForwardWeights,
+    leaves: Vec<Option<LeafParam>>,
+    quantized: Vec<Option<QuantizedTensor>>,
+}
+
+/// Gradients of learned scales, as LSQ (Esser et al., "Learned Step Size Quantization") defines
+/// them for `alpha * Q(w / alpha)` with a straight-through rounding: for a weight inside the
+/// levels' range (`|w| <= alpha`) the rounded value moves with alpha by `Q - w / alpha`; a weight
+/// beyond the top level is clipped to `±alpha`, moves with alpha by `±1` and gets no gradient
+/// itself. `grads[i]` arrives as the loss gradient with respect to weight `i`'s quantized value (the
+/// straight-through identity) and leaves masked to the unclipped weights.
+///
+/// Why learn them: a power-of-two grid has no mantissa, so what can still fit a channel's weights
+/// is its one scale. The rule `alpha = c max|W|` ties it to a single weight and ignores the loss;
+/// learned, it also absorbs the gain the rounding of the whole channel loses.
+fn learned_alpha_gradients(
+    slots: &[ParamSlot],
+    values: &[Vec<f32>],
+    quantized: &[Option<QuantizedTensor>],
+    grads: &mut [Option<Vec<f32>>],
+) {
+    for (i, s) in slots.iter().enumerate() {
+        let (Some(a), Some(q)) = (s.alpha_slot, &quantized[i]) else {
+            continue;
+        };
+        let Some(g) = grads[i].as_mut() else {
+            continue;
+        };
+        let w = &values[i];
+        let group = w.len() / q.alphas.len().max(1);
+        let mut ga = vec![0.0f32; q.alphas.len()];
+        if group > 0 {
+            for (c, &alpha) in q.alphas.iter().enumerate() {
+                let inv = 1.0 / alpha;
+                let range = c * group..(c + 1) * group;
+                let mut sum = 0.0f64;
+                for ((gj, &wj), code) in g[range.clone()]
+                    .iter_mut()
+                    .zip(&w[range.clone()])
+                    .zip(&q.codes[range])
+                {
+                    let v = wj * inv;
+                    let qv = code.value();
+                    if v.abs() <= 1.0 {
+                        sum += f64::from(*gj) * f64::from(qv - v);
+                    } else {
+                        sum += f64::from(*gj) * f64::from(qv);
+                        *gj = 0.0;
+                    }
+                }
+                ga[c] = sum as f32;
+            }
+        }
+        grads[a] = Some(ga);
+    }
 }
 
 enum LeafParam {
@@ -570,6 +735,9 @@ enum LeafParam {
 fn constant_weights(graph: &Graph, slots: &[ParamSlot], device: &Device) -> Result<ForwardWeights> {
     let mut fw = ForwardWeights::default();
     for s in slots {
+        if let ParamKind::Alpha { .. } = s.kind {
+            continue;
+        }
         let t = graph.weight(&s.name)?;
         match s.kind {
             ParamKind::Weight { .. } => {
@@ -584,6 +752,7 @@ fn constant_weights(graph: &Graph, slots: &[ParamSlot], device: &Device) -> Resu
                     tensor_from(t.data.clone(), [t.len()], device),
                 );
             }
+            ParamKind::Alpha { .. } => {}
         }
     }
     Ok(fw)
@@ -620,13 +789,30 @@ pub fn finetune(
         )
     };
     let quantizer = cfg.method.quantizer(cfg.param)?;
-    let train_graph = TrainGraph::new(&model.graph)?;
-    let slots = param_slots(&model.graph, &cfg.keep_full_precision)?;
+    let slots = param_slots(
+        &model.graph,
+        &cfg.keep_full_precision,
+        cfg.learned_alphas,
+        cfg.per_channel,
+    )?;
+    let float_convs: HashSet<String> = slots
+        .iter()
+        .filter(|s| s.kind == (ParamKind::Weight { quantized: false }))
+        .map(|s| s.name.clone())
+        .collect();
+    let train_graph = TrainGraph::with_float_convs(&model.graph, &float_convs)?;
+    let initial = initial_values(
+        &model.graph,
+        &slots,
+        quantizer.as_ref(),
+        cfg.bits,
+        cfg.per_channel,
+    )?;
     let RunPlan {
         mut header,
         mut values,
         mut adam,
-    } = plan_run(cfg, &model, &slots, images.len())?;
+    } = plan_run(cfg, &model, &slots, &initial, images.len())?;
     let bits = Bits::new(header.bits)?;
     let [rw, rh] = header.resolution;
     let spec = InputSpec {
@@ -666,7 +852,11 @@ pub fn finetune(
     if header.fake_quant_activations && act.ranges.is_empty() {
         // Initial grids from the PTQ student (quantized weights change activation ranges), averaged
         // over a few batches of a separate stream so the training order is unaffected.
-        let (fw, _) = student_weights(
+        let StudentWeights {
+            forward: fw,
+            quantized,
+            ..
+        } = student_weights(
             &slots,
             &values,
             quantizer.as_ref(),
@@ -696,6 +886,14 @@ pub fn finetune(
             .into_iter()
             .map(|(k, ([lo, hi], n))| (k, [lo / n, hi / n]))
             .collect();
+        // The file must run on the engine at the end: a grid the engine needs and training would
+        // not round is found now, before any work is spent.
+        let quantized: BTreeMap<String, QuantizedTensor> = slots
+            .iter()
+            .zip(quantized)
+            .filter_map(|(s, q)| Some((s.name.clone(), q?)))
+            .collect();
+        engine_grids(&model.graph, &quantized, &act.ranges)?;
     }
     act.enabled = header.fake_quant_activations;
     act.observe = header.fake_quant_activations;
@@ -720,19 +918,15 @@ pub fn finetune(
     // leaves these tensors with RMS values from 0.03 to 10: one absolute rate would scramble the
     // small tensors or freeze the large ones. The rate is therefore relative to each tensor's RMS
     // in the FP32 model (so `--lr 2e-3` moves every tensor by about 0.2 % of its scale per step).
-    let lr_scale: Vec<f64> = slots
+    // Learned scales follow the same rule, relative to their post-training values.
+    let lr_scale: Vec<f64> = initial
         .iter()
-        .map(|s| {
-            let t = model.graph.weight(&s.name)?;
-            let ms = t
-                .data
-                .iter()
-                .map(|&x| f64::from(x) * f64::from(x))
-                .sum::<f64>()
-                / t.len().max(1) as f64;
-            Ok(ms.sqrt().max(1e-3))
+        .map(|t| {
+            let ms =
+                t.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>() / t.len().max(1) as f64;
+            ms.sqrt().max(1e-3)
         })
-        .collect::<Result<_>>()?;
+        .collect();
     let run_start = Instant::now();
     let elapsed_before = header.elapsed_s;
     let mut last_loss = None;
@@ -754,7 +948,11 @@ pub fn finetune(
             &mut teacher_act,
         )?;
         let t_out: Vec<Tensor<4>> = t_out.into_iter().map(|t| t.autodiff()).collect();
-        let (fw, leaves) = student_weights(
+        let StudentWeights {
+            forward: fw,
+            leaves,
+            quantized,
+        } = student_weights(
             &slots,
             &values,
             quantizer.as_ref(),
@@ -764,7 +962,13 @@ pub fn finetune(
             true,
         )?;
         let s_out = train_graph.forward(tensor_from(x, in_shape, &ad_device), &fw, &mut act)?;
-        let mut loss = distill_loss(&model.manifest.decoder, num_classes, &s_out, &t_out)?;
+        let mut loss = distill_loss(
+            &model.manifest.decoder,
+            num_classes,
+            header.loss_weights,
+            &s_out,
+            &t_out,
+        )?;
         if let Some(heads) = &yolo_heads
             && let Some((labelled, parts)) =
                 yolo_loss::labelled_loss(heads, num_classes, [rw, rh], &s_out, &targets)?
@@ -780,7 +984,7 @@ pub fn finetune(
         }
         let grads = loss.total.backward();
         let lr = schedule.lr_at(step);
-        let grad_values: Vec<Option<Vec<f32>>> = leaves
+        let mut grad_values: Vec<Option<Vec<f32>>> = leaves
             .iter()
             .map(|leaf| match leaf {
                 Some(LeafParam::W4(t)) => t.grad(&grads).map(to_host).transpose(),
@@ -788,14 +992,22 @@ pub fn finetune(
                 None => Ok(None),
             })
             .collect::<Result<_>>()?;
-        for (((v, g), st), scale) in values
+        learned_alpha_gradients(&slots, &values, &quantized, &mut grad_values);
+        for ((((v, g), st), scale), s) in values
             .iter_mut()
             .zip(&grad_values)
             .zip(adam.iter_mut())
             .zip(&lr_scale)
+            .zip(&slots)
         {
             if let Some(g) = g {
                 adam_step(&adam_cfg, lr * scale, step + 1, v, g, st);
+                if let ParamKind::Alpha { .. } = s.kind {
+                    // A scale must stay positive; this floor is far below any level that matters.
+                    for a in v.iter_mut() {
+                        *a = a.max(MIN_LEARNED_ALPHA);
+                    }
+                }
             }
         }
         act.absorb_observed(RANGE_MOMENTUM);
@@ -885,12 +1097,12 @@ fn export_lbw(
 ) -> Result<LbwFile> {
     let mut trained = model.graph.clone();
     let mut quantized: BTreeMap<String, QuantizedTensor> = BTreeMap::new();
-    for (s, v) in slots.iter().zip(values) {
+    for (i, (s, v)) in slots.iter().zip(values).enumerate() {
         if let Some(t) = trained.weights.get_mut(&s.name) {
             t.data.clone_from(v);
         }
         if s.kind == (ParamKind::Weight { quantized: true }) {
-            let q = quantizer.quantize_tensor(v, &s.shape, bits, header.per_channel)?;
+            let q = quantize_slot(slots, values, i, quantizer, bits, header.per_channel)?;
             quantized.insert(s.name.clone(), q);
         }
     }
@@ -913,6 +1125,12 @@ fn export_lbw(
         } else {
             "fp32"
         },
+        "alphas": if header.learned_alphas {
+            "learned (initialised by the method, trained with the weights)"
+        } else {
+            "the method's, recomputed from the weights"
+        },
+        "loss_weights": header.loss_weights,
         "keep_full_precision": header.keep_full_precision,
         "initial_loss": header.initial_loss,
         "final_loss": header.recent_loss,
@@ -970,4 +1188,47 @@ fn engine_grids(
         ))
     })?;
     Ok(engine.activation_params().into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learned_alpha_gradient_is_lsq_and_clipped_weights_stop() {
+        // One weight slot of two channels (3 weights each) with its learned scales.
+        let slots = vec![
+            ParamSlot {
+                name: "w".into(),
+                shape: vec![2, 3, 1, 1],
+                kind: ParamKind::Weight { quantized: true },
+                alpha_slot: Some(1),
+            },
+            ParamSlot {
+                name: alpha_slot_name("w"),
+                shape: vec![2],
+                kind: ParamKind::Alpha { weight: 0 },
+                alpha_slot: None,
+            },
+        ];
+        let values = vec![vec![0.9, -0.3, 1.5, 0.2, 0.0, -0.7], vec![1.0, 0.5]];
+        let bits = Bits::new(4).unwrap();
+        let q = quantize_with_alphas(&values[0], &slots[0].shape, bits, &values[1]).unwrap();
+        // Channel 0 (alpha 1): 0.9 -> 1, -0.3 -> -0.25, 1.5 clipped -> 1.
+        // Channel 1 (alpha 0.5): 0.4 -> 0.5, 0 -> 0, -1.4 clipped -> -1.
+        let levels: Vec<f32> = q.codes.iter().map(|c| c.value()).collect();
+        assert_eq!(levels, vec![1.0, -0.25, 1.0, 0.5, 0.0, -1.0]);
+        let mut grads = vec![Some(vec![1.0, 2.0, 3.0, -1.0, 5.0, 2.0]), None];
+        learned_alpha_gradients(&slots, &values, &[Some(q), None], &mut grads);
+        let ga = grads[1].as_ref().unwrap();
+        // sum g (Q - w/alpha) inside the range, sum g Q for clipped weights.
+        let want0 = 1.0 * (1.0 - 0.9) + 2.0 * (-0.25 + 0.3) + 3.0 * 1.0;
+        let want1 = -1.0 * (0.5 - 0.4) + 5.0 * 0.0 + 2.0 * -1.0;
+        assert!((ga[0] - want0).abs() < 1e-5, "{ga:?}");
+        assert!((ga[1] - want1).abs() < 1e-5, "{ga:?}");
+        assert_eq!(
+            grads[0].as_ref().unwrap(),
+            &vec![1.0, 2.0, 0.0, -1.0, 5.0, 0.0]
+        );
+    }
 }

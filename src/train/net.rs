@@ -18,7 +18,7 @@
 //! The rounding uses the straight-through estimator inside the grid's range and a zero gradient
 //! outside it (the clamp), the usual choice for quantization-aware training.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use burn::tensor::activation;
 use burn::tensor::module::{avg_pool2d, conv2d, max_pool2d};
@@ -94,6 +94,14 @@ pub struct TrainGraph {
 impl TrainGraph {
     /// Checks every op can be trained and decides which values are fake-quantized.
     pub fn new(graph: &Graph) -> Result<TrainGraph> {
+        Self::with_float_convs(graph, &HashSet::new())
+    }
+
+    /// As [`TrainGraph::new`], for a student whose convs with these weights stay at full
+    /// precision: the engine runs such a conv as a float step that stores its output on an 8-bit
+    /// grid before the activation, instead of fusing the activation into its epilogue, so that
+    /// pre-activation value is fake-quantized here too.
+    pub fn with_float_convs(graph: &Graph, float_convs: &HashSet<String>) -> Result<TrainGraph> {
         let shapes = graph.infer_shapes()?;
         let mut readers: HashMap<&str, Vec<&Op>> = HashMap::new();
         for node in &graph.nodes {
@@ -138,7 +146,7 @@ impl TrainGraph {
                     | Op::Pad { value: 0.0, .. }
                     | Op::Slice { .. }
             );
-            let fused_pre_activation = matches!(node.op, Op::Conv(_))
+            let fused_pre_activation = matches!(&node.op, Op::Conv(c) if !float_convs.contains(&c.weight))
                 && readers.get(node.output.as_str()).is_some_and(|r| {
                     r.len() == 1 && matches!(r[0], Op::Relu | Op::LeakyRelu { .. })
                 });
