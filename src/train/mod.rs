@@ -1223,7 +1223,7 @@ mod tests {
         let ga = grads[1].as_ref().unwrap();
         // sum g (Q - w/alpha) inside the range, sum g Q for clipped weights.
         let want0 = 1.0 * (1.0 - 0.9) + 2.0 * (-0.25 + 0.3) + 3.0 * 1.0;
-        let want1 = -1.0 * (0.5 - 0.4) + 5.0 * 0.0 + 2.0 * -1.0;
+        let want1 = -(0.5 - 0.4) + 5.0 * 0.0 - 2.0;
         assert!((ga[0] - want0).abs() < 1e-5, "{ga:?}");
         assert!((ga[1] - want1).abs() < 1e-5, "{ga:?}");
         assert_eq!(
