@@ -609,7 +609,6 @@ fn quantize_slot(
 /// The student's conv weights as the forward pass sees them: `alpha * Q(w)` for quantized weights,
 /// with the gradient passed straight through to the shadow weights. Also returns each quantized
 /// slot's codes, which the gradients of learned scales need.
-#[allow(clippy::too_many_arguments)]
 fn student_weights(
     slots: &[ParamSlot],
     values: &[Vec<f32>],
