@@ -7,6 +7,8 @@
 #
 # Each candidate: `lbw finetune --param c` (same seed, data and schedule for all), then
 # `lbw eval` of the written .lbw on coco128's VOC classes (mAP@0.5, on the shift-add engine).
+# The retraining keeps the rule in the loop (`--alphas rule`, ALPHAS to change it): with learned
+# alphas, the finetune default, c only sets their starting values.
 # Prints a markdown table and writes every file under $OUT_DIR (default target/sweep).
 set -euo pipefail
 
@@ -15,6 +17,7 @@ BITS=${BITS:-4}
 PARAMS=${PARAMS:-"0.75 0.85 0.95 1.05"}
 STEPS=${STEPS:-300}
 GROUPING=${GROUPING:---per-channel}
+ALPHAS=${ALPHAS:-rule}
 SHARED=${SHARED:-$(cd "$(dirname "$0")/../.." && pwd)/shared}
 DATA=${LBW_DATA_DIR:-$SHARED/data}
 OUT_DIR=${OUT_DIR:-target/sweep}
@@ -27,6 +30,7 @@ rows=()
 for c in $PARAMS; do
     out="$OUT_DIR/${MODEL}-b${BITS}-c${c}.lbw"
     "$LBW" finetune --model "$MODEL" --bits "$BITS" $GROUPING --param "$c" --steps "$STEPS" \
+        --alphas "$ALPHAS" \
         --images "$DATA/unlabeled" --images "$DATA/voc2007-sample" -o "$out" \
         > "$out.summary.json"
     map=$("$LBW" eval --model "$out" --data "$DATA/coco128" --format coco \
@@ -37,7 +41,7 @@ for c in $PARAMS; do
     echo "c=$c: final loss $loss, coco128 VOC-class mAP@0.5 $map" >&2
     rows+=("| $c | $loss | $map |")
 done
-echo "$MODEL, $BITS bits, ${GROUPING:---per-tensor}, $STEPS steps of lbw finetune defaults, $(date -u +%F)"
+echo "$MODEL, $BITS bits, ${GROUPING:---per-tensor}, --alphas $ALPHAS, $STEPS steps of lbw finetune defaults, $(date -u +%F)"
 echo
 echo "| c | final distillation loss | coco128 mAP@0.5 |"
 echo "|---|---|---|"

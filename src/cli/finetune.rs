@@ -46,9 +46,9 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = crate::train::yolo_loss::DEFAULT_LABEL_WEIGHT)]
     pub label_weight: f64,
     /// Weights of the distillation terms for YOLOv3 heads, as OBJ,CLS,BOX: objectness KL at every
-    /// anchor, class KL (averaged over classes) and box error, both weighted by the teacher's
+    /// anchor, class KL (summed over classes) and box error, both weighted by the teacher's
     /// objectness.
-    #[arg(long, default_value = "1,1,1")]
+    #[arg(long, default_value = "1,1,5")]
     pub loss_weights: crate::train::TermWeights,
     /// Total optimiser steps [default: 3000, about 30 minutes for yolo-fastest-voc on 2 cores].
     #[arg(long, conflicts_with = "epochs")]

@@ -28,9 +28,11 @@ pub struct CheckpointHeader {
     /// checkpoints from before they existed, which recomputed them every step.
     #[serde(default)]
     pub learned_alphas: bool,
-    /// Distillation term weights (the defaults in checkpoints from before they were settable).
+    /// Distillation term weights; `None` in checkpoints from before they were settable, whose runs
+    /// averaged the class term over the classes with unit weights
+    /// ([`crate::train::TermWeights::legacy`]).
     #[serde(default)]
-    pub loss_weights: crate::train::TermWeights,
+    pub loss_weights: Option<crate::train::TermWeights>,
     pub keep_full_precision: Vec<String>,
     pub seed: u64,
     pub batch: usize,
@@ -158,7 +160,7 @@ mod tests {
             param: None,
             per_channel: false,
             learned_alphas: false,
-            loss_weights: crate::train::TermWeights::default(),
+            loss_weights: Some(crate::train::TermWeights::default()),
             keep_full_precision: vec![],
             seed: 1,
             batch: 2,

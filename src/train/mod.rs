@@ -473,7 +473,7 @@ fn plan_run(
             param: cfg.param,
             per_channel: cfg.per_channel,
             learned_alphas: cfg.learned_alphas,
-            loss_weights: cfg.loss_weights,
+            loss_weights: Some(cfg.loss_weights),
             keep_full_precision: cfg.keep_full_precision.clone(),
             seed: cfg.seed,
             batch: cfg.batch,
@@ -843,6 +843,9 @@ pub fn finetune(
     let batch = header.batch;
     let in_shape = [batch, 3, rh as usize, rw as usize];
     let per_channel = header.per_channel;
+    let loss_weights = header
+        .loss_weights
+        .unwrap_or_else(|| TermWeights::legacy(num_classes));
 
     let mut act = ActivationQuant {
         ranges: header.activation_ranges.clone(),
@@ -964,7 +967,7 @@ pub fn finetune(
         let mut loss = distill_loss(
             &model.manifest.decoder,
             num_classes,
-            header.loss_weights,
+            loss_weights,
             &s_out,
             &t_out,
         )?;
@@ -1130,6 +1133,11 @@ fn export_lbw(
             "the method's, recomputed from the weights"
         },
         "loss_weights": header.loss_weights,
+        "class_term": if header.loss_weights.is_some() {
+            "summed over classes"
+        } else {
+            "averaged over classes"
+        },
         "keep_full_precision": header.keep_full_precision,
         "initial_loss": header.initial_loss,
         "final_loss": header.recent_loss,
