@@ -49,6 +49,29 @@ fn random_codes(rng: &mut Lcg, n: usize, bits: Bits, zero_pct: u32) -> Vec<Code>
         .collect()
 }
 
+/// `k` rows of `u8` activations, row `t` at `t * LANES` with `tiles * LANES` values after it (so
+/// `tiles` tiles can be built from offset 0), and those `k` tap offsets. Saturated (0 or 255) half
+/// the time: the overflow bound's worst case.
+fn random_rows(rng: &mut Lcg, k: usize, tiles: usize) -> (Vec<u8>, Vec<u32>) {
+    let extreme = rng.below(2) == 0;
+    let src = random_u8(rng, (k + tiles) * LANES, extreme);
+    let taps = (0..k as u32).map(|t| t * LANES as u32).collect();
+    (src, taps)
+}
+
+/// `n` random `u8` codes; only 0 and 255 when `extreme`.
+fn random_u8(rng: &mut Lcg, n: usize, extreme: bool) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            if extreme {
+                255 * rng.below(2) as u8
+            } else {
+                rng.below(256) as u8
+            }
+        })
+        .collect()
+}
+
 fn act_of(k: u32) -> Activation {
     match k {
         0 => Activation::Linear,
@@ -118,12 +141,7 @@ proptest! {
                 (scale, rng.below(256) as u8)
             }),
         }).unwrap();
-        // Saturated activations half the time: the overflow bound's worst case.
-        let extreme = rng.below(2) == 0;
-        let src: Vec<u8> = (0..(k + 1) * LANES)
-            .map(|_| if extreme { 255 * rng.below(2) as u8 } else { rng.below(256) as u8 })
-            .collect();
-        let taps: Vec<u32> = (0..k as u32).map(|t| t * LANES as u32).collect();
+        let (src, taps) = random_rows(&mut rng, k, 1);
         let build = |kernel: &dyn ShiftAddKernel| {
             let mut tile = vec![0i16; prog.tile_rows() * LANES];
             kernel.build_tile(&src, &taps, 0, &mut tile);
@@ -171,11 +189,7 @@ proptest! {
             act: act_of(act),
             output: u8_out.then_some((0.05 + rng.unit(), rng.below(256) as u8)),
         }).unwrap();
-        let extreme = rng.below(2) == 0;
-        let src: Vec<u8> = (0..(k + 2) * LANES)
-            .map(|_| if extreme { 255 * rng.below(2) as u8 } else { rng.below(256) as u8 })
-            .collect();
-        let taps: Vec<u32> = (0..k as u32).map(|t| t * LANES as u32).collect();
+        let (src, taps) = random_rows(&mut rng, k, 2);
         let scalar = select_kernel(KernelChoice::Scalar).unwrap();
         let tiles: Vec<Vec<i16>> = (0..2)
             .map(|h| {
@@ -268,9 +282,7 @@ proptest! {
         let geom = FlatGeometry { positions: rows * (width + extra), pitch: width + extra, width };
         let extreme = rng.below(2) == 0;
         let max_tap = *taps.iter().max().unwrap() as usize;
-        let src: Vec<u8> = (0..max_tap + geom.positions.next_multiple_of(LANES))
-            .map(|_| if extreme { 255 * rng.below(2) as u8 } else { rng.below(256) as u8 })
-            .collect();
+        let src = random_u8(&mut rng, max_tap + geom.positions.next_multiple_of(LANES), extreme);
         let plane = rows * width;
         let scalar = select_kernel(KernelChoice::Scalar).unwrap();
         let mut tile = vec![0i16; tiled.tile_rows() * LANES];
@@ -388,12 +400,7 @@ proptest! {
             grid(ranges[4] / 4.0, ranges[5] / 4.0),
         ];
         let [pa, pb, po] = grids;
-        let codes = |rng: &mut Lcg| -> Vec<u8> {
-            (0..n)
-                .map(|_| if extreme { 255 * rng.below(2) as u8 } else { rng.below(256) as u8 })
-                .collect()
-        };
-        let (a, b) = (codes(&mut rng), codes(&mut rng));
+        let (a, b) = (random_u8(&mut rng, n, extreme), random_u8(&mut rng, n, extreme));
         let op = if mul { BinaryOp::Mul } else { BinaryOp::Add };
         let want: Vec<u8> = a
             .iter()

@@ -734,23 +734,22 @@ enum LeafParam {
 fn constant_weights(graph: &Graph, slots: &[ParamSlot], device: &Device) -> Result<ForwardWeights> {
     let mut fw = ForwardWeights::default();
     for s in slots {
-        if let ParamKind::Alpha { .. } = s.kind {
-            continue;
-        }
-        let t = graph.weight(&s.name)?;
         match s.kind {
             ParamKind::Weight { .. } => {
+                let t = graph.weight(&s.name)?;
                 fw.weights.insert(
                     s.name.clone(),
                     tensor_from(t.data.clone(), shape4(&s.shape)?, device),
                 );
             }
             ParamKind::Bias => {
+                let t = graph.weight(&s.name)?;
                 fw.biases.insert(
                     s.name.clone(),
                     tensor_from(t.data.clone(), [t.len()], device),
                 );
             }
+            // Learned scales are not graph tensors; the teacher has none.
             ParamKind::Alpha { .. } => {}
         }
     }
