@@ -98,6 +98,15 @@ enum Source {
         wq: usize,
         len: usize,
     },
+    /// Depthwise: output channel `c` reads input channel `c` only, so each channel's padded,
+    /// phase-split copy is made into a per-thread scratch of `len` bytes just before the channel
+    /// runs, and the kernel reads it from L1 (a whole padded copy of the input would be written
+    /// and then read back from L2). The program's taps are relative to the channel's planes.
+    PerChannel {
+        split: PhaseSplit,
+        planes: usize,
+        len: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -550,7 +559,7 @@ impl ShiftAddEngine {
     fn run_conv(&self, c: &ConvStep, input: &[u8], out: &mut Value) {
         let mut src_buf: Option<Vec<u8>> = None;
         let src: &[u8] = match &c.source {
-            Source::Direct => input,
+            Source::Direct | Source::PerChannel { .. } => input,
             Source::Padded {
                 c: ch,
                 h,
@@ -733,7 +742,22 @@ fn conv_block(
         width: c.ow,
     };
     if prog.is_direct() {
+        // The scratch's padding keeps the zero point: every channel writes the same positions.
+        let mut scratch = match &c.source {
+            Source::PerChannel { split, planes, len } => {
+                Some((vec![c.in_zero_point; *len], *split, *planes))
+            }
+            _ => None,
+        };
         for oc in lo..hi {
+            let src: &[u8] = match &mut scratch {
+                Some((buf, split, planes)) => {
+                    let n = split.h * split.w;
+                    kernel.split_phases(&src[oc * n..][..n], *split, &mut buf[..*planes]);
+                    buf
+                }
+                None => src,
+            };
             let at = (oc - lo) * plane;
             match &mut out {
                 OutSlice::U8(o) => {
@@ -852,9 +876,11 @@ fn plan_conv(
         let wp = wd + conv.pads[1] + conv.pads[3];
         let (hq, wq) = (hp.div_ceil(sy), wp.div_ceil(sx));
         let plane = hq * wq;
+        // One input channel per output channel: each reads its own channel's planes.
+        let per_channel = cin_g == 1 && out_shape[1] == groups;
         for g in 0..groups {
             for icg in 0..cin_g {
-                let ic = g * cin_g + icg;
+                let ic = if per_channel { 0 } else { g * cin_g + icg };
                 for ky in 0..kh {
                     for kx in 0..kw {
                         let (ry, rx) = (ky * dy, kx * dx);
@@ -866,8 +892,20 @@ fn plan_conv(
         }
         let tiles = (oh * wq).div_ceil(LANES);
         let max_tap = taps.iter().copied().max().unwrap_or(0) as usize;
-        let len = (c * sy * sx * plane).max(max_tap + tiles * LANES) + SLACK;
-        (
+        let planes = sy * sx * plane;
+        let source = if per_channel {
+            Source::PerChannel {
+                split: PhaseSplit {
+                    h,
+                    w: wd,
+                    pads: conv.pads,
+                    stride: conv.stride,
+                    wq,
+                },
+                planes,
+                len: planes.max(max_tap + tiles * LANES) + SLACK,
+            }
+        } else {
             Source::Padded {
                 c,
                 h,
@@ -876,10 +914,10 @@ fn plan_conv(
                 stride: conv.stride,
                 hq,
                 wq,
-                len,
-            },
-            wq,
-        )
+                len: (c * planes).max(max_tap + tiles * LANES) + SLACK,
+            }
+        };
+        (source, wq)
     };
     if taps.iter().any(|&t| t as usize >= u32::MAX as usize / 2) {
         return Err(Error::Model(format!("{}: input too large", node.name)));
