@@ -633,6 +633,18 @@ impl ShiftAddEngine {
         f: impl Fn(usize, usize, &mut [T]) + Sync,
     ) {
         match &self.pool {
+            // Inside the pool (see `run_keeping`): this thread runs the first block itself.
+            Some(pool) if slices.len() > 1 && pool.current_thread_index().is_some() => {
+                rayon::scope(|s| {
+                    let (first, rest) = slices.split_first_mut().expect("two or more blocks");
+                    for (i, sl) in rest.iter_mut().enumerate() {
+                        let f = &f;
+                        let (lo, hi) = (bounds[i + 1], bounds[i + 2]);
+                        s.spawn(move |_| f(lo, hi, sl));
+                    }
+                    f(bounds[0], bounds[1], first);
+                })
+            }
             Some(pool) if slices.len() > 1 => pool.scope(|s| {
                 for (i, sl) in slices.iter_mut().enumerate() {
                     let f = &f;
@@ -1047,6 +1059,21 @@ impl ShiftAddEngine {
     }
 
     fn run_keeping(
+        &self,
+        input: Tensor,
+        keep: bool,
+        profile: Option<&mut Vec<StepTime>>,
+    ) -> Result<(Vec<Tensor>, HashMap<String, Tensor>)> {
+        // The whole run on one of the pool's threads: each conv then runs its first block on that
+        // thread and the others are stolen by workers still spinning from the previous conv,
+        // instead of handing every conv from an outside thread to a pool that has gone to sleep.
+        match &self.pool {
+            Some(pool) => pool.install(|| self.run_steps(input, keep, profile)),
+            None => self.run_steps(input, keep, profile),
+        }
+    }
+
+    fn run_steps(
         &self,
         input: Tensor,
         keep: bool,
