@@ -258,3 +258,58 @@ fn a_kept_conv_trains_and_runs_on_the_engine() {
     assert_eq!(engine.backend().engine(), "shift-add");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--init`: a 6-bit run started from a 4-bit file begins exactly at that file (4-bit levels are
+/// 6-bit levels, and the file's alphas are taken over), and a file of another shape is refused.
+#[test]
+fn a_run_starts_from_a_lower_bit_width_file() {
+    let dir = scratch("init");
+    let images = photos(&dir);
+    let mut low = config(&dir, &images, "four.lbw");
+    low.bits = lbw::quant::Bits::new(4).unwrap();
+    low.steps = Some(4);
+    low.checkpoint_every = 2;
+    let four = finetune(&low, &mut |_| {}).unwrap();
+    let four_path = four.output.clone().unwrap();
+    let a = LbwFile::read(&four_path).unwrap();
+
+    // One step at a learning rate too small to move any weight off its level.
+    let mut high = config(&dir, &images, "six.lbw");
+    high.init = Some(four_path.clone());
+    high.steps = Some(1);
+    high.lr = 1e-9;
+    let six = finetune(&high, &mut |_| {}).unwrap();
+    let b = LbwFile::read(six.output.as_ref().unwrap()).unwrap();
+    assert_eq!(b.metadata.bits, Some(6));
+    assert_eq!(b.metadata.training["init"], four_path.display().to_string());
+    assert_eq!(a.quantized.len(), b.quantized.len());
+    let mut compared = 0;
+    for (name, qa) in &a.quantized {
+        let (wa, wb) = (&a.graph.weights[name].data, &b.graph.weights[name].data);
+        let scale = wa.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        for (x, y) in wa.iter().zip(wb) {
+            assert!(
+                (x - y).abs() <= 1e-4 * scale,
+                "{name}: {x} became {y} (the 6-bit run did not start at the 4-bit file)"
+            );
+        }
+        assert_eq!(qa.codes.len(), b.quantized[name].codes.len());
+        compared += 1;
+    }
+    assert!(compared > 0);
+    // And the 6-bit student was not the PTQ of the FP32 weights: that would differ from the file.
+    let first = log_steps(&six.log)[0].loss.total;
+    let low_log = log_steps(&four.log);
+    let ptq_loss = low_log[0].loss.total;
+    assert!(
+        first < ptq_loss,
+        "the 6-bit run's first loss {first} should be below the 4-bit PTQ loss {ptq_loss}"
+    );
+
+    let mut wrong = config(&dir, &images, "wrong.lbw");
+    wrong.init = Some(dir.join("no-such.lbw"));
+    let err = finetune(&wrong, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("--init"), "{err}");
+
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -82,6 +82,11 @@ pub struct FinetuneArgs {
     /// Continue from a checkpoint (its schedule, batch, seed and learning rate are used).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start the student from this `.lbw` of the same model instead of the FP32 weights, e.g. a
+    /// bit-width from a retrained lower one (its weights, and its alphas where they fit); the
+    /// teacher stays the FP32 model.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Checkpoint file [default: OUTPUT.ckpt].
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -123,6 +128,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     cfg.augment = !args.no_augment;
     cfg.fake_quant_activations = !args.fp32_activations;
     cfg.resume = args.resume;
+    cfg.init = args.init;
     cfg.checkpoint = args.checkpoint;
     cfg.checkpoint_every = args.checkpoint_every;
     cfg.log = args.log;

@@ -42,6 +42,9 @@ pub struct CheckpointHeader {
     pub resolution: [u32; 2],
     pub augment: bool,
     pub fake_quant_activations: bool,
+    /// The `.lbw` the student started from (`--init`), if not the FP32 weights.
+    #[serde(default)]
+    pub init: Option<String>,
     /// Steps completed; training continues at this 0-based step.
     pub step: u64,
     /// Wall-clock seconds spent in training so far (over all resumed runs).
@@ -170,6 +173,7 @@ mod tests {
             resolution: [32, 32],
             augment: true,
             fake_quant_activations: true,
+            init: Some("d4.lbw".into()),
             step: 3,
             elapsed_s: 1.5,
             activation_ranges: BTreeMap::from([("x".to_string(), [0.0, 1.0])]),

@@ -137,6 +137,9 @@ pub struct FinetuneConfig {
     /// Round activations to 8-bit grids as the shift-add engine does.
     pub fake_quant_activations: bool,
     pub resume: Option<PathBuf>,
+    /// Start the student from this `.lbw` of the same model instead of the FP32 weights (the
+    /// teacher stays FP32): for example a bit-width from a retrained lower one.
+    pub init: Option<PathBuf>,
     pub output: PathBuf,
     /// Checkpoint path (`None`: `<output>.ckpt`).
     pub checkpoint: Option<PathBuf>,
@@ -173,6 +176,7 @@ impl FinetuneConfig {
             augment: true,
             fake_quant_activations: true,
             resume: None,
+            init: None,
             output,
             checkpoint: None,
             checkpoint_every: 50,
@@ -368,6 +372,54 @@ fn initial_values(
         .collect()
 }
 
+/// [`initial_values`] from a `.lbw` of the same model: its weights (`alpha * Q` for its quantized
+/// convs) and, where the layout matches, its alphas. A file whose levels are a subset of this
+/// run's (a lower bit-width of the same method) is then reproduced exactly at step 0.
+fn initial_values_from_file(
+    path: &Path,
+    graph: &Graph,
+    slots: &[ParamSlot],
+    quantizer: &dyn Quantizer,
+    bits: Bits,
+    per_channel: bool,
+) -> Result<Vec<Vec<f32>>> {
+    let file =
+        LbwFile::read(path).map_err(|e| Error::Input(format!("--init {}: {e}", path.display())))?;
+    let mut start = graph.clone();
+    for s in slots
+        .iter()
+        .filter(|s| !matches!(s.kind, ParamKind::Alpha { .. }))
+    {
+        let t = file.graph.weights.get(&s.name).ok_or_else(|| {
+            Error::Input(format!(
+                "--init {}: it has no tensor {} (is it a file of another model?)",
+                path.display(),
+                s.name
+            ))
+        })?;
+        if t.shape != s.shape {
+            return Err(Error::Input(format!(
+                "--init {}: tensor {} has shape {:?}, the model's has {:?}",
+                path.display(),
+                s.name,
+                t.shape,
+                s.shape
+            )));
+        }
+        start.weights.insert(s.name.clone(), t.clone());
+    }
+    let mut values = initial_values(&start, slots, quantizer, bits, per_channel)?;
+    for (v, s) in values.iter_mut().zip(slots) {
+        if let ParamKind::Alpha { weight } = s.kind
+            && let Some(q) = file.quantized.get(&slots[weight].name)
+            && q.alphas.len() == v.len()
+        {
+            v.clone_from(&q.alphas);
+        }
+    }
+    Ok(values)
+}
+
 fn plan_run(
     cfg: &FinetuneConfig,
     model: &LoadedModel,
@@ -486,6 +538,7 @@ fn plan_run(
             resolution,
             augment: cfg.augment,
             fake_quant_activations: cfg.fake_quant_activations,
+            init: cfg.init.as_ref().map(|p| p.display().to_string()),
             step: 0,
             elapsed_s: 0.0,
             activation_ranges: BTreeMap::new(),
@@ -799,13 +852,23 @@ pub fn finetune(
         .map(|s| s.name.clone())
         .collect();
     let train_graph = TrainGraph::with_float_convs(&model.graph, &float_convs)?;
-    let initial = initial_values(
-        &model.graph,
-        &slots,
-        quantizer.as_ref(),
-        cfg.bits,
-        cfg.per_channel,
-    )?;
+    let initial = match &cfg.init {
+        Some(path) => initial_values_from_file(
+            path,
+            &model.graph,
+            &slots,
+            quantizer.as_ref(),
+            cfg.bits,
+            cfg.per_channel,
+        )?,
+        None => initial_values(
+            &model.graph,
+            &slots,
+            quantizer.as_ref(),
+            cfg.bits,
+            cfg.per_channel,
+        )?,
+    };
     let RunPlan {
         mut header,
         mut values,
@@ -1138,6 +1201,7 @@ fn export_lbw(
             "averaged over classes"
         },
         "keep_full_precision": header.keep_full_precision,
+        "init": header.init,
         "initial_loss": header.initial_loss,
         "final_loss": header.recent_loss,
         "train_seconds": header.elapsed_s,
