@@ -346,3 +346,77 @@ fn eval_bootstrap_reports_intervals_and_a_zero_paired_difference_to_itself() {
             < 1e-12
     );
 }
+
+/// `lbw finetune --bits 6` runs in two stages by default (the schedule at 4 bits, then a tenth of
+/// it at 6 bits from that file); `--via-bits none` trains at 6 bits throughout, and a bad value is
+/// a message.
+#[test]
+fn finetune_at_six_bits_goes_through_four_by_default() {
+    let images = tmp("staged-photos");
+    std::fs::create_dir_all(&images).unwrap();
+    let src = data_dir().join("voc2007-sample/JPEGImages");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&src)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    for p in names.iter().take(3) {
+        std::fs::copy(p, images.join(p.file_name().unwrap())).unwrap();
+    }
+    let images = images.display().to_string();
+    let out = tmp("staged.lbw");
+    let out_s = out.display().to_string();
+    let common = [
+        "finetune",
+        "--model",
+        "yolo-fastest-voc",
+        "--bits",
+        "6",
+        "--images",
+        &images,
+        "--steps",
+        "10",
+        "--batch",
+        "2",
+        "--resolution",
+        "96",
+    ];
+    let o = lbw(&[&common[..], &["-o", &out_s]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = tmp("staged.lbw.via4.lbw");
+    let a = lbw::model::lbw_file::LbwFile::read(&first).unwrap();
+    let b = lbw::model::lbw_file::LbwFile::read(&out).unwrap();
+    assert_eq!((a.metadata.bits, b.metadata.bits), (Some(4), Some(6)));
+    assert_eq!(a.metadata.training["steps"], 10);
+    assert_eq!(
+        b.metadata.training["steps"], 1,
+        "a tenth of the first stage"
+    );
+    assert_eq!(b.metadata.training["init"], first.display().to_string());
+    assert!(a.metadata.training["init"].is_null());
+
+    // Interrupted in the first stage and resumed: the same two files.
+    let resumed = tmp("resumed.lbw");
+    let resumed_s = resumed.display().to_string();
+    let o = lbw(&[&common[..], &["--stop-after", "5", "-o", &resumed_s]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!resumed.exists());
+    let ck = tmp("resumed.lbw.via4.lbw.ckpt").display().to_string();
+    assert!(stderr(&o).contains(&ck), "{}", stderr(&o));
+    let o = lbw(&[&common[..], &["--resume", &ck, "-o", &resumed_s]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = lbw::model::lbw_file::LbwFile::read(&resumed).unwrap();
+    assert_eq!(r.quantized, b.quantized, "resuming must not change the run");
+
+    let single = tmp("single.lbw");
+    let single_s = single.display().to_string();
+    let o = lbw(&[&common[..], &["--via-bits", "none", "-o", &single_s]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = lbw::model::lbw_file::LbwFile::read(&single).unwrap();
+    assert_eq!(c.metadata.training["steps"], 10);
+    assert!(c.metadata.training["init"].is_null());
+    assert!(!tmp("single.lbw.via4.lbw").exists());
+
+    let o = lbw(&[&common[..], &["--via-bits", "four", "-o", &single_s]].concat());
+    assert_fails(&o, "--via-bits must be");
+}

@@ -6,7 +6,12 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::quant::Bits;
-use crate::train::{DEFAULT_BATCH, DEFAULT_LR, FinetuneConfig, TrainDevice, finetune};
+use crate::quant::Method;
+use crate::train::checkpoint::Checkpoint;
+use crate::train::{
+    DEFAULT_BATCH, DEFAULT_LR, DEFAULT_VIA_BITS, FinetuneConfig, FinetuneSummary, TrainDevice,
+    default_final_steps, finetune,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
@@ -87,6 +92,14 @@ pub struct FinetuneArgs {
     /// teacher stays the FP32 model.
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Train the whole schedule at this bit-width first, then finish at --bits from its result
+    /// (`none`: train at --bits throughout) [default: 4 for --bits 5 to 8 with learned alphas, from
+    /// the FP32 weights; none otherwise]. The first stage is written as OUTPUT.via4.lbw.
+    #[arg(long)]
+    pub via_bits: Option<String>,
+    /// Steps of the final stage of a staged run [default: a tenth of the first stage's].
+    #[arg(long)]
+    pub final_steps: Option<u64>,
     /// Checkpoint file [default: OUTPUT.ckpt].
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -137,6 +150,64 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         DeviceArg::Cpu => TrainDevice::Cpu,
         DeviceArg::Cuda => TrainDevice::Cuda,
     };
+    let staged = match args.via_bits.as_deref() {
+        Some("none") => None,
+        Some(v) => {
+            let via = v.parse::<u8>().ok().and_then(|b| Bits::new(b).ok());
+            Some(via.ok_or_else(|| {
+                anyhow::anyhow!("--via-bits must be a bit-width in 2..=8 or `none`, got {v:?}")
+            })?)
+        }
+        None => (bits.get() > DEFAULT_VIA_BITS
+            && cfg.learned_alphas
+            && cfg.init.is_none()
+            && cfg.method != Method::Ternary)
+            .then(|| Bits::new(DEFAULT_VIA_BITS))
+            .transpose()?,
+    };
+    if args.final_steps == Some(0) {
+        anyhow::bail!("--final-steps must be at least 1");
+    }
+    let Some(via) = staged.filter(|v| *v != bits) else {
+        return run_stage(&cfg).map(|_| ());
+    };
+    // A checkpoint of the final stage resumes that stage alone.
+    if let Some(ck) = &cfg.resume
+        && Checkpoint::read(ck)?.header.bits == bits.get()
+    {
+        return run_stage(&cfg).map(|_| ());
+    }
+    let first = cfg.first_stage(via);
+    eprintln!(
+        "stage 1 of 2: {via} bits ({}), then {bits} bits from its weights",
+        first.output.display()
+    );
+    let s1 = run_stage(&first)?;
+    let Some(init) = s1.output else {
+        return Ok(());
+    };
+    let mut last = cfg.final_stage(
+        init,
+        args.final_steps
+            .unwrap_or_else(|| default_final_steps(s1.total_steps)),
+    );
+    if let Some(n) = cfg.stop_after {
+        let left = n.saturating_sub(s1.end_step - s1.start_step);
+        if left == 0 {
+            eprintln!(
+                "stopped after the first stage; continue with --resume {}",
+                s1.checkpoint.display()
+            );
+            return Ok(());
+        }
+        last.stop_after = Some(left);
+    }
+    eprintln!("stage 2 of 2: {bits} bits");
+    run_stage(&last).map(|_| ())
+}
+
+/// One `finetune` call with a progress bar; prints its summary (a JSON line on stdout).
+fn run_stage(cfg: &FinetuneConfig) -> anyhow::Result<FinetuneSummary> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -144,7 +215,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let summary = finetune(&cfg, &mut |r| {
+    let summary = finetune(cfg, &mut |r| {
         if bar.length() != Some(r.total_steps) {
             bar.set_length(r.total_steps);
             bar.set_position(r.step.saturating_sub(1));
@@ -181,5 +252,5 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         ),
     }
     out!("{}", serde_json::to_string(&summary)?);
-    Ok(())
+    Ok(summary)
 }
