@@ -421,17 +421,14 @@ fn initial_values(
         .collect()
 }
 
-/// [`initial_values`] from a `.lbw` of the same model: its weights (`alpha * Q` for its quantized
-/// convs) and, where the layout matches, its alphas. A file whose levels are a subset of this
-/// run's (a lower bit-width of the same method) is then reproduced exactly at step 0.
-fn initial_values_from_file(
+/// The starting point of `--init`: the model's graph holding the file's weights (`alpha * Q` for
+/// its quantized convs), and the file's alphas by weight name. Taking over the alphas too means a
+/// file whose levels are a subset of this run's (a lower bit-width) is reproduced exactly at step 0.
+fn start_from_file(
     path: &Path,
     graph: &Graph,
     slots: &[ParamSlot],
-    quantizer: &dyn Quantizer,
-    bits: Bits,
-    per_channel: bool,
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<(Graph, BTreeMap<String, Vec<f32>>)> {
     let file =
         LbwFile::read(path).map_err(|e| Error::Input(format!("--init {}: {e}", path.display())))?;
     let mut start = graph.clone();
@@ -457,16 +454,12 @@ fn initial_values_from_file(
         }
         start.weights.insert(s.name.clone(), t.clone());
     }
-    let mut values = initial_values(&start, slots, quantizer, bits, per_channel)?;
-    for (v, s) in values.iter_mut().zip(slots) {
-        if let ParamKind::Alpha { weight } = s.kind
-            && let Some(q) = file.quantized.get(&slots[weight].name)
-            && q.alphas.len() == v.len()
-        {
-            v.clone_from(&q.alphas);
-        }
-    }
-    Ok(values)
+    let alphas = file
+        .quantized
+        .into_iter()
+        .map(|(name, q)| (name, q.alphas))
+        .collect();
+    Ok((start, alphas))
 }
 
 fn plan_run(
@@ -902,23 +895,25 @@ pub fn finetune(
         .collect();
     let train_graph = TrainGraph::with_float_convs(&model.graph, &float_convs)?;
     // A resumed run takes its values from the checkpoint, so its starting file is not read again.
-    let initial = match cfg.init.as_ref().filter(|_| cfg.resume.is_none()) {
-        Some(path) => initial_values_from_file(
-            path,
-            &model.graph,
-            &slots,
-            quantizer.as_ref(),
-            cfg.bits,
-            cfg.per_channel,
-        )?,
-        None => initial_values(
-            &model.graph,
-            &slots,
-            quantizer.as_ref(),
-            cfg.bits,
-            cfg.per_channel,
-        )?,
+    let (start, start_alphas) = match cfg.init.as_ref().filter(|_| cfg.resume.is_none()) {
+        Some(path) => start_from_file(path, &model.graph, &slots)?,
+        None => (model.graph.clone(), BTreeMap::new()),
     };
+    let mut initial = initial_values(
+        &start,
+        &slots,
+        quantizer.as_ref(),
+        cfg.bits,
+        cfg.per_channel,
+    )?;
+    for (v, s) in initial.iter_mut().zip(&slots) {
+        if let ParamKind::Alpha { weight } = s.kind
+            && let Some(a) = start_alphas.get(&slots[weight].name)
+            && a.len() == v.len()
+        {
+            v.clone_from(a);
+        }
+    }
     let RunPlan {
         mut header,
         mut values,
