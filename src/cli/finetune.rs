@@ -55,7 +55,8 @@ pub struct FinetuneArgs {
     /// objectness.
     #[arg(long, default_value = "1,1,5")]
     pub loss_weights: crate::train::TermWeights,
-    /// Total optimiser steps [default: 3000, about 30 minutes for yolo-fastest-voc on 2 cores].
+    /// Optimiser steps (of the first stage, in a staged run) [default: 3000, about 30 minutes for
+    /// yolo-fastest-voc on 2 cores].
     #[arg(long, conflicts_with = "epochs")]
     pub steps: Option<u64>,
     /// Passes over the photos, instead of --steps.
