@@ -419,4 +419,10 @@ fn finetune_at_six_bits_goes_through_four_by_default() {
 
     let o = lbw(&[&common[..], &["--via-bits", "four", "-o", &single_s]].concat());
     assert_fails(&o, "--via-bits must be");
+    let o = lbw(&[
+        &common[..],
+        &["--via-bits", "none", "--final-steps", "5", "-o", &single_s],
+    ]
+    .concat());
+    assert_fails(&o, "--final-steps applies to a staged run");
 }

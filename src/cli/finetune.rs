@@ -170,6 +170,11 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         anyhow::bail!("--final-steps must be at least 1");
     }
     let Some(via) = staged.filter(|v| *v != bits) else {
+        if args.final_steps.is_some() {
+            anyhow::bail!(
+                "--final-steps applies to a staged run; this one has one stage (--via-bits)"
+            );
+        }
         return run_stage(&cfg).map(|_| ());
     };
     // A checkpoint of the final stage resumes that stage alone.
