@@ -97,22 +97,16 @@ impl TrainDevice {
     }
 }
 
-/// A staged run: the whole schedule at `via` bits, then `final_steps` at the target bit-width
-/// starting from that result ([`FinetuneConfig::first_stage`], [`FinetuneConfig::final_stage`]).
+/// The bit-width a staged run goes through by default, for 5 bits and more: the whole schedule at
+/// 4 bits, then a tenth of it at the target starting from that result
+/// ([`FinetuneConfig::first_stage`], [`FinetuneConfig::final_stage`]; `lbw finetune --via-bits`).
 ///
 /// Why: on yolo-fastest-voc, 6-bit students trained directly from the FP32 weights ended 5-6 mAP
-/// below FP32 on coco128 (two seeds), while 4-bit students ended within about 1, and a 6-bit
-/// student started from a retrained 4-bit file (exactly that file at its first step: 4-bit levels
-/// are 6-bit levels) ended at or above FP32 within 300 steps (docs/TRAINING.md). The low
+/// below FP32 on coco128 (two seeds), 4-bit students 1-3 below, and 6-bit students started from
+/// the retrained 4-bit files (exactly those files at their first step: 4-bit levels are 6-bit
+/// levels) ended 1.4 below to 2.7 above FP32 after 300 steps (docs/TRAINING.md). The low
 /// bit-width's zeros and coarse levels seem to steer training to a solution the finer grid then
 /// refines; the finer grid alone does not find it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stages {
-    pub via: Bits,
-    pub final_steps: u64,
-}
-
-/// The bit-width a staged run goes through by default: 4 for 5 bits and more (see [`Stages`]).
 pub const DEFAULT_VIA_BITS: u8 = 4;
 
 /// The final stage's default length: a tenth of the first stage's schedule.
@@ -209,8 +203,8 @@ impl FinetuneConfig {
         }
     }
 
-    /// The first stage of a staged run (see [`Stages`]): this run at `via` bits, written beside
-    /// the output as `OUTPUT.via{via}.lbw` (with its own checkpoint and log).
+    /// The first stage of a staged run (see [`DEFAULT_VIA_BITS`]): this run at `via` bits, written
+    /// beside the output as `OUTPUT.via{via}.lbw` (with its own checkpoint and log).
     pub fn first_stage(&self, via: Bits) -> FinetuneConfig {
         let tag = format!(".via{via}");
         FinetuneConfig {
