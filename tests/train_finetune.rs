@@ -260,7 +260,8 @@ fn a_kept_conv_trains_and_runs_on_the_engine() {
 }
 
 /// `--init`: a 6-bit run started from a 4-bit file begins exactly at that file (4-bit levels are
-/// 6-bit levels, and the file's alphas are taken over), and a file of another shape is refused.
+/// 6-bit levels, and the file's alphas are taken over), and a missing file is an error naming
+/// `--init`.
 #[test]
 fn a_run_starts_from_a_lower_bit_width_file() {
     let dir = scratch("init");
