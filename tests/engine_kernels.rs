@@ -151,8 +151,8 @@ proptest! {
         let tile = build(scalar.as_ref());
         let want = run_program(scalar.as_ref(), &prog, &tile, u8_out);
         for kernel in available_kernels() {
+            // Each kernel runs its schedule over a tile in its own layout.
             let own_tile = build(kernel.as_ref());
-            prop_assert_eq!(&own_tile, &tile, "kernel {} builds another tile", kernel.name());
             let got = run_program(kernel.as_ref(), &prog, &own_tile, u8_out);
             prop_assert_eq!(&got.0, &want.0, "kernel {}", kernel.name());
             let bits_eq = got.1.iter().zip(&want.1).all(|(a, b)| a.to_bits() == b.to_bits());
@@ -190,16 +190,21 @@ proptest! {
             output: u8_out.then_some((0.05 + rng.unit(), rng.below(256) as u8)),
         }).unwrap();
         let (src, taps) = random_rows(&mut rng, k, 2);
+        // Each kernel's tiles in its own layout.
+        let tiles_of = |kernel: &dyn ShiftAddKernel| -> Vec<Vec<i16>> {
+            (0..2)
+                .map(|h| {
+                    let mut tile = vec![0i16; prog.tile_rows() * LANES];
+                    kernel.build_tile(&src, &taps, h * LANES, &mut tile);
+                    tile
+                })
+                .collect()
+        };
         let scalar = select_kernel(KernelChoice::Scalar).unwrap();
-        let tiles: Vec<Vec<i16>> = (0..2)
-            .map(|h| {
-                let mut tile = vec![0i16; prog.tile_rows() * LANES];
-                scalar.build_tile(&src, &taps, h * LANES, &mut tile);
-                tile
-            })
+        let want: Vec<(Vec<u8>, Vec<f32>)> = tiles_of(scalar.as_ref())
+            .iter()
+            .map(|t| run_program(scalar.as_ref(), &prog, t, u8_out))
             .collect();
-        let want: Vec<(Vec<u8>, Vec<f32>)> =
-            tiles.iter().map(|t| run_program(scalar.as_ref(), &prog, t, u8_out)).collect();
         // Rows of channel i at i * stride (a plane), tile j at + j * LANES; the gaps stay put.
         let stride = 2 * LANES + rng.below(100) as usize;
         let len = (cout - 1) * stride + 2 * LANES;
@@ -210,6 +215,7 @@ proptest! {
             } else {
                 TileOut::F32(&mut floats)
             };
+            let tiles = tiles_of(kernel.as_ref());
             kernel.run_channels2(&prog, 0, cout, [&tiles[0], &tiles[1]], out, stride);
             for i in 0..cout {
                 for (h, want) in want.iter().enumerate() {

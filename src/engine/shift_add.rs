@@ -785,7 +785,7 @@ fn conv_block(
     let cout_g = prog.cout_g;
     // Zeroed once: the last row is the padding row the schedule adds for nothing.
     let tile_len = prog.tile_rows() * LANES;
-    let pairs = tile_len * 2 * std::mem::size_of::<i16>() <= PAIRED_TILE_BYTES;
+    let pairs = 2 * prog.tile_rows() * kernel.tile_row_bytes() <= PAIRED_TILE_BYTES;
     let mut tiles = vec![0i16; if pairs { 2 * tile_len } else { tile_len }];
     let rows = (hi - lo).min(cout_g);
     let mut stage_u8 = vec![0u8; 2 * rows * LANES];

@@ -117,6 +117,10 @@ pub struct Segment {
     pub first: u32,
     pub len: u32,
     pub shift32: i32,
+    /// `sum 2^(e_last - e_i)` over the segment's negative terms: Horner's rule applied to each
+    /// chunk's count of negated rows. Kernels that add `!x` (`-1 - x`) or `255 - x` for a
+    /// negative weight instead of `-x` correct the segment with it. At most [`SEGMENT_BOUND`].
+    pub neg_weight: u16,
 }
 
 /// A conv lowered for the shift-add kernels. Built only by [`ConvProgram::build`], which checks the
@@ -345,6 +349,7 @@ impl ConvProgram {
                         } as u32,
                         len: 0,
                         shift32: 0,
+                        neg_weight: 0,
                     });
                     seg_open = true;
                 }
@@ -393,8 +398,25 @@ impl ConvProgram {
     }
 
     fn close_segment(&mut self, last_e: u8, e_ref: i32) {
+        let k = self.k;
         if let Some(s) = self.segs.last_mut() {
             s.shift32 = e_ref - i32::from(last_e);
+            let (first, len) = (s.first as usize, s.len as usize);
+            // The segment bound keeps every partial value <= SEGMENT_BOUND: no overflow.
+            let weight = if self.direct {
+                self.terms[first..first + len]
+                    .iter()
+                    .fold(0u64, |c, t| (c << t.shl) + u64::from(t.neg))
+            } else {
+                self.chunks[first..first + len].iter().fold(0u64, |c, ch| {
+                    let neg = ch
+                        .rows
+                        .iter()
+                        .filter(|&&r| (k..2 * k).contains(&usize::from(r)));
+                    (c << ch.shl16) + neg.count() as u64
+                })
+            };
+            s.neg_weight = weight as u16;
         }
     }
 
@@ -644,10 +666,18 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
     /// Metrics label and bench column (`scalar`, `avx2`, `avx512bw`).
     fn name(&self) -> &'static str;
 
-    /// `tile[k][lane] = src[taps[k] + base + lane]` widened to i16 and `tile[K + k][lane]` its
-    /// negation, for the `K` taps of a group; row `2K` is left as it is (the caller zeroes it once).
-    /// Panics unless `src` holds every position read and `tile` has `(2K + 1) * LANES` lanes.
+    /// Builds the tile the kernel's [`Self::run_channels`] reads, in the kernel's own layout:
+    /// `K` rows of the activations `src[taps[k] + base + lane]`, `K` rows for negative weights,
+    /// and row `2K` of zeros, which is left as it is (the caller zeroes the tile once). The
+    /// portable and AVX2 kernels widen to `i16` and negate; the AVX-512 one keeps `u8` rows and
+    /// their complement `!x` ([`Self::tile_row_bytes`] tells the row size). Panics unless `src`
+    /// holds every position read and `tile` has `(2K + 1) * LANES` lanes.
     fn build_tile(&self, src: &[u8], taps: &[u32], base: usize, tile: &mut [i16]);
+
+    /// Bytes of one tile row in this kernel's layout (what decides whether two tiles fit L1).
+    fn tile_row_bytes(&self) -> usize {
+        LANES * std::mem::size_of::<i16>()
+    }
 
     /// Runs output channels `first_oc .. first_oc + n` (all in one group) over `tile`, writing
     /// `out[i][lane]` for channel `first_oc + i`. Panics if the range, tile or output is too small,

@@ -81,6 +81,10 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
         unsafe { build_tile_avx512(src, taps, base, tile) }
     }
 
+    fn tile_row_bytes(&self) -> usize {
+        LANES
+    }
+
     fn run_channels(
         &self,
         prog: &ConvProgram,
@@ -254,71 +258,69 @@ unsafe fn deinterleave_row_avx512(src: &[u8], even: &mut [u8], odd: &mut [u8]) {
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn build_tile_avx512(src: &[u8], taps: &[u32], base: usize, tile: &mut [i16]) {
     let s = src.as_ptr();
-    let d = tile.as_mut_ptr();
+    let d = tile.as_mut_ptr().cast::<u8>();
     let n = taps.len();
-    let zero = _mm512_setzero_si512();
+    let ones = _mm512_set1_epi8(-1);
     for (k, &off) in taps.iter().enumerate() {
         // SAFETY: caller checked `off + base + LANES <= src.len()` and that `tile` holds
-        // `2 * taps.len() + 1` rows of LANES.
+        // `(2 * taps.len() + 1) * LANES` i16, twice the bytes the rows below take.
         unsafe {
-            let p = s.add(off as usize + base);
-            let lo = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p.cast()));
-            let hi = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p.add(32).cast()));
-            let q = d.add(k * LANES);
-            _mm512_storeu_si512(q.cast(), lo);
-            _mm512_storeu_si512(q.add(32).cast(), hi);
-            let r = d.add((n + k) * LANES);
-            _mm512_storeu_si512(r.cast(), _mm512_sub_epi16(zero, lo));
-            _mm512_storeu_si512(r.add(32).cast(), _mm512_sub_epi16(zero, hi));
+            let x = _mm512_loadu_si512(s.add(off as usize + base).cast());
+            _mm512_storeu_si512(d.add(k * LANES).cast(), x);
+            _mm512_storeu_si512(d.add((n + k) * LANES).cast(), _mm512_xor_si512(x, ones));
         }
     }
 }
 
-/// Runs output channel `oc`'s schedule over `N` tiles at once: each chunk's row indices are read
-/// once for all tiles, and the `2 N` accumulators form independent dependency chains. Returns the
-/// 32-bit accumulators of each tile's four 16-lane quarters. A macro rather than a
-/// function: a `target_feature` function cannot be forced inline, and returned by value the 16
-/// accumulators went through the stack. The caller guarantees that every tile holds the
-/// program's `2k + 1` rows and runs it inside an AVX-512BW `target_feature` function.
+/// Runs output channel `oc`'s schedule over `N` byte tiles at once (see [`Avx512bwKernel`]) and
+/// returns each tile's 32-bit accumulators as four quarters of 16 lanes in position order. A macro
+/// rather than a function: a `target_feature` function cannot be forced inline, and returned by
+/// value the accumulators went through the stack. The caller guarantees that every tile holds
+/// the program's `2k + 1` byte rows and runs it inside an AVX-512BW `target_feature` function.
 macro_rules! channel_acc_avx512 {
     ($prog:expr, $oc:expr, $tiles:expr) => {{
-        let (prog, oc, tiles): (&ConvProgram, usize, [*const i16; N]) = ($prog, $oc, $tiles);
+        let (prog, oc, tiles): (&ConvProgram, usize, [*const u8; N]) = ($prog, $oc, $tiles);
         let zero = _mm512_setzero_si512();
+        // Per tile: even positions' lanes 0..16 and 16..32, then the odd positions'.
         let mut acc = [[zero; 4]; N];
-        let tb = tiles.map(|t| t.cast::<u8>());
         for seg in channel_segments(prog, oc) {
-            let mut a = [[zero; 2]; N];
+            // `raw` sums whole words (even byte + 256 x odd byte), `odd` the odd bytes alone.
+            let mut raw = [zero; N];
+            let mut odd = [zero; N];
             for chunk in &prog.chunks[seg.first as usize..][..seg.len as usize] {
                 let sh = _mm_cvtsi32_si128(i32::from(chunk.shl16));
-                // The chunk's rows are summed off the accumulators' dependency chains (wrapping adds
-                // are associative, so the result is the same), leaving one shift and one add per
-                // chunk on each chain.
-                let mut sum = [[zero; 2]; N];
+                // The chunk's rows are summed off the accumulators' dependency chains (wrapping
+                // adds are associative), leaving one shift and one add per chunk on each chain.
+                let mut rs = [zero; N];
+                let mut os = [zero; N];
                 for &r in &chunk.rows {
-                    let off = usize::from(r) * ROW_BYTES;
-                    for (s, t) in sum.iter_mut().zip(tb) {
+                    let off = usize::from(r) * LANES;
+                    for j in 0..N {
                         // SAFETY: r < 2k + 1 (program invariant) and each tile holds 2k + 1 rows.
-                        unsafe {
-                            let p = t.add(off);
-                            s[0] = _mm512_add_epi16(s[0], _mm512_loadu_si512(p.cast()));
-                            s[1] = _mm512_add_epi16(s[1], _mm512_loadu_si512(p.add(64).cast()));
-                        }
+                        let v = unsafe { _mm512_loadu_si512(tiles[j].add(off).cast()) };
+                        rs[j] = _mm512_add_epi16(rs[j], v);
+                        os[j] = _mm512_add_epi16(os[j], _mm512_srli_epi16::<8>(v));
                     }
                 }
-                for (v, s) in a.iter_mut().zip(sum) {
-                    v[0] = _mm512_add_epi16(_mm512_sll_epi16(v[0], sh), s[0]);
-                    v[1] = _mm512_add_epi16(_mm512_sll_epi16(v[1], sh), s[1]);
+                for j in 0..N {
+                    raw[j] = _mm512_add_epi16(_mm512_sll_epi16(raw[j], sh), rs[j]);
+                    odd[j] = _mm512_add_epi16(_mm512_sll_epi16(odd[j], sh), os[j]);
                 }
             }
+            // A negated row holds `!x`: its word is `-1 - w` and its odd byte `255 - x_odd`.
+            let c = seg.neg_weight as i16;
+            let (c_raw, c_odd) = (_mm512_set1_epi16(c), _mm512_set1_epi16(255 * c));
             let cnt = _mm_cvtsi32_si128(seg.shift32.abs());
-            for (acc, v) in acc.iter_mut().zip(a) {
+            for j in 0..N {
+                let o = _mm512_sub_epi16(odd[j], c_odd);
+                let e = _mm512_sub_epi16(_mm512_add_epi16(raw[j], c_raw), _mm512_slli_epi16::<8>(o));
                 let wide = [
-                    _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v[0])),
-                    _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v[0])),
-                    _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v[1])),
-                    _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v[1])),
+                    _mm512_cvtepi16_epi32(_mm512_castsi512_si256(e)),
+                    _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(e)),
+                    _mm512_cvtepi16_epi32(_mm512_castsi512_si256(o)),
+                    _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(o)),
                 ];
-                for (a, w) in acc.iter_mut().zip(wide) {
+                for (a, w) in acc[j].iter_mut().zip(wide) {
                     // Single-segment channels have shift32 = 0: skip the identity shift.
                     let s = if seg.shift32 == 0 {
                         w
@@ -331,7 +333,17 @@ macro_rules! channel_acc_avx512 {
                 }
             }
         }
-        acc
+        // Position p of a half is even lane p / 2 (index p / 2) or odd lane p / 2 (index 16 + p / 2).
+        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        acc.map(|[e0, e1, o0, o1]| {
+            [
+                _mm512_permutex2var_epi32(e0, lo, o0),
+                _mm512_permutex2var_epi32(e0, hi, o0),
+                _mm512_permutex2var_epi32(e1, lo, o1),
+                _mm512_permutex2var_epi32(e1, hi, o1),
+            ]
+        })
     }};
 }
 
@@ -358,7 +370,7 @@ unsafe fn run_channels_avx512<const N: usize>(
     out: TileOut<'_>,
     stride: usize,
 ) {
-    let tp = tiles.map(|t| t.as_ptr());
+    let tp = tiles.map(|t| t.as_ptr().cast::<u8>());
     match out {
         TileOut::U8(out) => {
             let OutputKind::U8 { zero_point } = prog.out else {
