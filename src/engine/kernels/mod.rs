@@ -6,9 +6,10 @@
 //! its `K = cin/groups * kh * kw` taps, and for every output channel a branch-free schedule of its
 //! non-zero power-of-two weights. At run time, for a tile of [`LANES`] consecutive output positions:
 //!
-//! 1. [`ShiftAddKernel::build_tile`] widens the tile's `u8` activations of every tap to `i16`
-//!    (`tile[k][lane]`) and stores their negations too (`tile[K + k][lane] = -x`; row `2K` stays
-//!    zero), once per group and tile, shared by all the group's output channels;
+//! 1. [`ShiftAddKernel::build_tile`] lays out the tile's activations of every tap (`tile[k]`) and
+//!    a row per tap for negative weights (`tile[K + k]`; row `2K` stays zero), once per group and
+//!    tile, shared by all the group's output channels: widened to `i16` and negated in the
+//!    portable and AVX2 kernels, `u8` and complemented in the AVX-512 one (see `x86_64`);
 //! 2. [`ShiftAddKernel::run_channels`] runs each output channel's schedule over the tile using only
 //!    16-bit adds, subtracts and left shifts, widens each segment once to 32 bits with one shift,
 //!    then requantizes (the one multiply per output value) into `u8` or `f32`.
@@ -116,7 +117,8 @@ pub struct DirectTerm {
 pub struct Segment {
     pub first: u32,
     pub len: u32,
-    pub shift32: i32,
+    /// `E - e_last`, within `±(max exponent + 1)`: an `i16` keeps the segment at 12 bytes.
+    pub shift32: i16,
     /// `sum 2^(e_last - e_i)` over the segment's negative terms: Horner's rule applied to each
     /// chunk's count of negated rows. Kernels that add `!x` (`-1 - x`) or `255 - x` for a
     /// negative weight instead of `-x` correct the segment with it. At most [`SEGMENT_BOUND`].
@@ -400,7 +402,7 @@ impl ConvProgram {
     fn close_segment(&mut self, last_e: u8, e_ref: i32) {
         let k = self.k;
         if let Some(s) = self.segs.last_mut() {
-            s.shift32 = e_ref - i32::from(last_e);
+            s.shift32 = (e_ref - i32::from(last_e)) as i16;
             let (first, len) = (s.first as usize, s.len as usize);
             // The segment bound keeps every partial value <= SEGMENT_BOUND: no overflow.
             let weight = if self.direct {

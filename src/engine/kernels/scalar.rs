@@ -48,7 +48,7 @@ pub(crate) fn channel_acc(prog: &ConvProgram, oc: usize, tile: &[i16]) -> [i32; 
                 }
             }
         }
-        add_segment(&mut acc, &a16, seg.shift32);
+        add_segment(&mut acc, &a16, i32::from(seg.shift32));
     }
     acc
 }
@@ -87,7 +87,7 @@ pub(crate) fn direct_acc(prog: &ConvProgram, oc: usize, src: &[u8], base: usize)
                 };
             }
         }
-        add_segment(&mut acc, &a16, seg.shift32);
+        add_segment(&mut acc, &a16, i32::from(seg.shift32));
     }
     acc
 }

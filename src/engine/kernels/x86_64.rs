@@ -1,11 +1,18 @@
 //! AVX2 and AVX-512BW shift-add kernels.
 //!
-//! Both vectorise over the [`LANES`] output positions of a tile in 16-bit lanes (AVX-512BW: two
-//! registers of 32, AVX2: four of 16), so one weight term is one load-and-add per register (a
-//! negative weight adds the tile's negated row); the loop over a segment's chunks is the only
-//! data-dependent branch. They
-//! compute exactly what [`super::scalar`] specifies, including the f32 epilogue (multiply, then
-//! add, no FMA; conversion rounds half to even).
+//! Both compute exactly what [`super::scalar`] specifies, including the f32 epilogue (multiply,
+//! then add, no FMA; conversion rounds half to even); the loop over a segment's chunks is the only
+//! data-dependent branch.
+//!
+//! The AVX2 kernel vectorises over the [`LANES`] positions of a tile in four registers of 16 `i16`
+//! lanes: a weight term is one load-and-add per register, a negative weight adds the tile's negated
+//! row. The AVX-512BW kernel's tile keeps the activations as `u8` rows (and their complement `!x`
+//! for negative weights), and one 64-byte load covers all 64 positions of a row: summed as 16-bit
+//! words it gives `even + 256 * odd` per lane, and shifted right by 8 the odd bytes alone; the even
+//! positions' sums are recovered once per segment as `raw - (odd << 8)` (exact mod 2^16, and the
+//! segment bound keeps the true sums inside `i16`), and `!x` is corrected by the segment's
+//! [`Segment::neg_weight`]. That halves the 64-byte loads per weight term, which bound the `i16`
+//! row form on this hardware (docs/ENGINE.md), at the price of one shift and one add per row.
 //!
 //! Direct programs (one output channel per group) skip the tile: each term is a widening load of
 //! the source at its tap, negated under a mask register (AVX-512) or by `vpsignw` (AVX2) rather
@@ -26,7 +33,7 @@ use super::{
     store_flat,
 };
 
-/// Bytes between tile rows.
+/// Bytes between `i16` tile rows (the AVX2 layout).
 const ROW_BYTES: usize = LANES * 2;
 
 /// Checks a program's channel range and the tile before the unchecked loads below.
@@ -56,7 +63,8 @@ fn channel_segments(prog: &ConvProgram, oc: usize) -> &[Segment] {
 // AVX-512BW
 // ---------------------------------------------------------------------------------------------
 
-/// 64 lanes as two 32 x i16 registers; needs AVX-512F and AVX-512BW.
+/// Tiles of `u8` rows read 64 positions per load (see the module documentation); direct programs
+/// as two or four registers of 32 `i16` lanes. Needs AVX-512F and AVX-512BW.
 #[derive(Debug, Clone, Copy)]
 pub struct Avx512bwKernel {
     _private: (),
@@ -310,7 +318,7 @@ macro_rules! channel_acc_avx512 {
             // A negated row holds `!x`: its word is `-1 - w` and its odd byte `255 - x_odd`.
             let c = seg.neg_weight as i16;
             let (c_raw, c_odd) = (_mm512_set1_epi16(c), _mm512_set1_epi16(255 * c));
-            let cnt = _mm_cvtsi32_si128(seg.shift32.abs());
+            let cnt = _mm_cvtsi32_si128(i32::from(seg.shift32).abs());
             for j in 0..N {
                 let o = _mm512_sub_epi16(odd[j], c_odd);
                 let e = _mm512_sub_epi16(_mm512_add_epi16(raw[j], c_raw), _mm512_slli_epi16::<8>(o));
@@ -590,7 +598,7 @@ unsafe fn direct_block_avx512<const N: usize>(
                 *v = _mm512_add_epi16(_mm512_sll_epi16(*v, sh), x);
             }
         }
-        let cnt = _mm_cvtsi32_si128(seg.shift32.abs());
+        let cnt = _mm_cvtsi32_si128(i32::from(seg.shift32).abs());
         for (w, v) in acc.iter_mut().zip(a) {
             let wide = [
                 _mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)),
@@ -789,7 +797,7 @@ unsafe fn channel_acc_avx2(prog: &ConvProgram, oc: usize, tile: *const i16) -> [
                 *v = _mm256_add_epi16(_mm256_sll_epi16(*v, sh), s);
             }
         }
-        let cnt = _mm_cvtsi32_si128(seg.shift32.abs());
+        let cnt = _mm_cvtsi32_si128(i32::from(seg.shift32).abs());
         for (h, v) in a.iter().enumerate() {
             let wide = [
                 _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*v)),
@@ -919,7 +927,7 @@ unsafe fn direct_block_avx2(
                 *v = _mm256_add_epi16(_mm256_sll_epi16(*v, sh), _mm256_sign_epi16(x, sign));
             }
         }
-        let cnt = _mm_cvtsi32_si128(seg.shift32.abs());
+        let cnt = _mm_cvtsi32_si128(i32::from(seg.shift32).abs());
         for (h, v) in a.iter().enumerate() {
             let wide = [
                 _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*v)),
