@@ -93,7 +93,11 @@ fn main() {
     ];
     for (name, lanes, f) in cases {
         let (ns, cycles) = time(f);
-        print!("{name:24} {:.2} per TSC cycle, {:.2} per ns", ops / cycles, ops / ns);
+        print!(
+            "{name:24} {:.2} per TSC cycle, {:.2} per ns",
+            ops / cycles,
+            ops / ns
+        );
         if lanes > 0.0 {
             print!(" = {:.0} lane-adds per ns", lanes * ops / ns);
         }
