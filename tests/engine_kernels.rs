@@ -259,7 +259,7 @@ proptest! {
         zp in any::<u8>(),
         width in 1usize..40,
         extra in 0usize..4,
-        rows in 1usize..8,
+        rows in 1usize..16,
     ) {
         let mut rng = Lcg(seed);
         let bits = Bits::new(bits).unwrap();
