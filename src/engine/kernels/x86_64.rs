@@ -640,45 +640,35 @@ unsafe fn run_direct_avx512(
             let o = out.as_mut_ptr();
             let mut rows = RowCursor { oy: 0, start: 0 };
             let mut f0 = 0;
+            // Runs the `$n / 2` blocks of 64 positions from `f0` and stores their codes.
+            macro_rules! u8_blocks {
+                ($n:literal) => {
+                    // SAFETY: the caller below checked f0 + 32 * $n <= positions rounded up to
+                    // LANES (f0 is a multiple of 64), which `check_direct` bounds for every tap;
+                    // `out` is checked by `check_direct` and `rows` follows the groups in order.
+                    unsafe {
+                        let acc = direct_block_avx512::<$n>(prog, taps, segs, s.add(f0));
+                        for (h, q) in acc.chunks_exact(2).enumerate() {
+                            let v = [q[0][0], q[0][1], q[1][0], q[1][1]];
+                            let bytes = codes_avx512(&v, m, a, act, zp16, clamp);
+                            store_rows_avx512(bytes, f0 + 64 * h, geom, o, &mut rows);
+                        }
+                    }
+                    f0 += $n / 2 * LANES;
+                };
+            }
             // Blocks of 256 while more than 192 positions remain, then of 128 while more than
             // 64 do, so no read passes the last position rounded up to LANES. (Blocks of 256 keep
             // eight independent add chains per term: depthwise 0.81-0.85 -> 0.77-0.79 ms on
             // yolo-fastest-voc against blocks of 128.)
             while f0 < geom.positions {
-                if geom.positions - f0 > 3 * LANES {
-                    // SAFETY: f0 + 256 <= positions rounded up to LANES (f0 is a multiple of 64),
-                    // as below.
-                    unsafe {
-                        let acc = direct_block_avx512::<8>(prog, taps, segs, s.add(f0));
-                        for (h, q) in acc.chunks_exact(2).enumerate() {
-                            let v = [q[0][0], q[0][1], q[1][0], q[1][1]];
-                            let bytes = codes_avx512(&v, m, a, act, zp16, clamp);
-                            store_rows_avx512(bytes, f0 + 64 * h, geom, o, &mut rows);
-                        }
-                    }
-                    f0 += 4 * LANES;
-                } else if geom.positions - f0 > LANES {
-                    // SAFETY: f0 + 128 <= positions rounded up to LANES (f0 is a multiple of 64),
-                    // which `check_direct` bounds for every tap; `out` is checked by
-                    // `check_direct` and `rows` follows the groups in order.
-                    unsafe {
-                        let acc = direct_block_avx512::<4>(prog, taps, segs, s.add(f0));
-                        for (h, q) in acc.chunks_exact(2).enumerate() {
-                            let v = [q[0][0], q[0][1], q[1][0], q[1][1]];
-                            let bytes = codes_avx512(&v, m, a, act, zp16, clamp);
-                            store_rows_avx512(bytes, f0 + 64 * h, geom, o, &mut rows);
-                        }
-                    }
-                    f0 += 2 * LANES;
+                let left = geom.positions - f0;
+                if left > 3 * LANES {
+                    u8_blocks!(8);
+                } else if left > LANES {
+                    u8_blocks!(4);
                 } else {
-                    // SAFETY: as above with f0 + 64.
-                    unsafe {
-                        let acc = direct_block_avx512::<2>(prog, taps, segs, s.add(f0));
-                        let v = [acc[0][0], acc[0][1], acc[1][0], acc[1][1]];
-                        let bytes = codes_avx512(&v, m, a, act, zp16, clamp);
-                        store_rows_avx512(bytes, f0, geom, o, &mut rows);
-                    }
-                    f0 += LANES;
+                    u8_blocks!(2);
                 }
             }
         }
