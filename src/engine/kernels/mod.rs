@@ -119,9 +119,10 @@ pub struct Segment {
     pub len: u32,
     /// `E - e_last`, within `±(max exponent + 1)`: an `i16` keeps the segment at 12 bytes.
     pub shift32: i16,
-    /// `sum 2^(e_last - e_i)` over the segment's negative terms: Horner's rule applied to each
-    /// chunk's count of negated rows. Kernels that add `!x` (`-1 - x`) or `255 - x` for a
-    /// negative weight instead of `-x` correct the segment with it. At most [`SEGMENT_BOUND`].
+    /// Tile programs: `sum 2^(e_last - e_i)` over the segment's negative terms (Horner's rule
+    /// applied to each chunk's count of negated rows), with which a kernel whose negated rows
+    /// hold `!x` rather than `-x` corrects the segment (the AVX-512 one). At most
+    /// [`SEGMENT_BOUND`]; 0 in direct programs, whose kernels negate each term themselves.
     pub neg_weight: u16,
 }
 
@@ -403,22 +404,18 @@ impl ConvProgram {
         let k = self.k;
         if let Some(s) = self.segs.last_mut() {
             s.shift32 = (e_ref - i32::from(last_e)) as i16;
-            let (first, len) = (s.first as usize, s.len as usize);
-            // The segment bound keeps every partial value <= SEGMENT_BOUND: no overflow.
-            let weight = if self.direct {
-                self.terms[first..first + len]
-                    .iter()
-                    .fold(0u64, |c, t| (c << t.shl) + u64::from(t.neg))
-            } else {
-                self.chunks[first..first + len].iter().fold(0u64, |c, ch| {
+            if !self.direct {
+                let chunks = &self.chunks[s.first as usize..][..s.len as usize];
+                // The segment bound keeps every partial value <= SEGMENT_BOUND: no overflow.
+                let weight = chunks.iter().fold(0u64, |c, ch| {
                     let neg = ch
                         .rows
                         .iter()
                         .filter(|&&r| (k..2 * k).contains(&usize::from(r)));
                     (c << ch.shl16) + neg.count() as u64
-                })
-            };
-            s.neg_weight = weight as u16;
+                });
+                s.neg_weight = weight as u16;
+            }
         }
     }
 

@@ -64,7 +64,7 @@ fn channel_segments(prog: &ConvProgram, oc: usize) -> &[Segment] {
 // ---------------------------------------------------------------------------------------------
 
 /// Tiles of `u8` rows read 64 positions per load (see the module documentation); direct programs
-/// as two or four registers of 32 `i16` lanes. Needs AVX-512F and AVX-512BW.
+/// in blocks of two to eight registers of 32 `i16` lanes. Needs AVX-512F and AVX-512BW.
 #[derive(Debug, Clone, Copy)]
 pub struct Avx512bwKernel {
     _private: (),
