@@ -423,6 +423,26 @@ proptest! {
         }
     }
 
+    /// Requantization lookups (a concat of differently scaled inputs): every kernel, and the
+    /// AVX-512 one with and without its VBMI path, gives `table[x]` at every length.
+    #[test]
+    fn kernels_look_up_like_the_table(seed in any::<u64>(), n in 0usize..300) {
+        let mut rng = Lcg(seed);
+        let table: [u8; 256] = std::array::from_fn(|_| rng.below(256) as u8);
+        let x = random_u8(&mut rng, n, false);
+        let want: Vec<u8> = x.iter().map(|&q| table[usize::from(q)]).collect();
+        let mut kernels = available_kernels();
+        #[cfg(target_arch = "x86_64")]
+        if let Some(k) = lbw::engine::kernels::x86_64::Avx512bwKernel::new() {
+            kernels.push(std::sync::Arc::new(k.without_vbmi()));
+        }
+        for k in kernels {
+            let mut got = vec![7u8; n];
+            k.lookup_u8(&table, &x, &mut got);
+            prop_assert_eq!(&got, &want, "kernel {}", k.name());
+        }
+    }
+
     /// Quantizing the f32 graph input: every kernel gives `QParams::quantize`'s codes, ties,
     /// values far outside the grid, infinities and NaN included.
     #[test]

@@ -12,7 +12,7 @@ use crate::engine::Backend;
 use crate::engine::kernels::KernelChoice;
 use crate::engine::ptq::{build_ptq_engine, default_quantize_options, parse_lbw_variant};
 use crate::engine::quant_params::RangeObserver;
-use crate::engine::shift_add::{EngineOptions, ShiftAddEngine};
+use crate::engine::shift_add::{ConvStats, EngineOptions, ShiftAddEngine};
 use crate::engine::tract_fp32::TractFp32;
 use crate::error::Error;
 use crate::model::{DEFAULT_MODEL, Tensor, load_builtin};
@@ -54,6 +54,10 @@ pub struct BenchArgs {
     /// limit (shift-add only).
     #[arg(long)]
     pub layers: bool,
+    /// Also time every step and list them one by one (name, shape, time, adds per ns): the
+    /// layers to optimise next (shift-add only; implies --layers).
+    #[arg(long)]
+    pub steps: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -79,6 +83,7 @@ pub struct BenchReport {
     pub peak_rss_bytes: Option<u64>,
     pub cpu: String,
     pub layers: Option<Vec<LayerKindRow>>,
+    pub steps: Option<Vec<StepRow>>,
 }
 
 /// Time and arithmetic of one kind of step, per image.
@@ -92,6 +97,17 @@ pub struct LayerKindRow {
     pub lane_adds_per_ns: f64,
     /// `lane_adds_per_ns` over the kernel's limit at the measured clock (see docs/ENGINE.md).
     pub fraction_of_limit: Option<f64>,
+}
+
+/// Time and arithmetic of one step, per image.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRow {
+    /// The value the step stores.
+    pub value: String,
+    pub kind: String,
+    pub conv: Option<ConvStats>,
+    pub us: f64,
+    pub lane_adds_per_ns: Option<f64>,
 }
 
 /// A `.lbw` file's quantized weights, when `--model` names one.
@@ -195,9 +211,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         backend.run(x)?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let layers = match (args.layers, engine) {
-        (true, Some(e)) => Some(layer_rows(e, &input, backend.kernel())?),
-        _ => None,
+    let (layers, steps) = match (args.layers || args.steps, engine) {
+        (true, Some(e)) => {
+            let (kinds, steps) = layer_rows(e, &input, backend.kernel())?;
+            (Some(kinds), args.steps.then_some(steps))
+        }
+        _ => (None, None),
     };
     let mut sorted = ms.clone();
     sorted.sort_by(f64::total_cmp);
@@ -219,6 +238,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         peak_rss_bytes: peak_rss_bytes(),
         cpu: cpu_name(),
         layers,
+        steps,
     };
     if args.json {
         out!("{}", serde_json::to_string_pretty(&report)?);
@@ -240,27 +260,43 @@ pub fn lane_add_limit_per_cycle(kernel: &str) -> Option<f64> {
     }
 }
 
+/// Per kind of step and per step, averaged over a number of profiled runs.
 fn layer_rows(
     engine: &ShiftAddEngine,
     input: &Tensor,
     kernel: &str,
-) -> anyhow::Result<Vec<LayerKindRow>> {
+) -> anyhow::Result<(Vec<LayerKindRow>, Vec<StepRow>)> {
     const RUNS: usize = 20;
     let mut agg: BTreeMap<&'static str, (usize, f64, f64)> = BTreeMap::new();
+    let mut steps: Vec<StepRow> = Vec::new();
     for run in 0..RUNS {
-        for s in engine.run_profiled(input.clone())? {
+        for (i, s) in engine.run_profiled(input.clone())?.into_iter().enumerate() {
             let e = agg.entry(s.kind).or_default();
+            let adds = s.conv.as_ref().map(|c| (c.terms * c.positions) as f64);
             if run == 0 {
                 e.0 += 1;
-                if let Some(c) = &s.conv {
-                    e.2 += (c.terms * c.positions) as f64;
-                }
+                e.2 += adds.unwrap_or(0.0);
+                steps.push(StepRow {
+                    value: s.value,
+                    kind: s.kind.to_string(),
+                    conv: s.conv,
+                    us: 0.0,
+                    lane_adds_per_ns: None,
+                });
             }
             e.1 += s.seconds / RUNS as f64;
+            if let Some(row) = steps.get_mut(i) {
+                row.us += s.seconds * 1e6 / RUNS as f64;
+            }
+        }
+    }
+    for row in &mut steps {
+        if let Some(c) = &row.conv {
+            row.lane_adds_per_ns = Some((c.terms * c.positions) as f64 / (row.us * 1e3));
         }
     }
     let ghz = cpu_mhz().map(|m| m / 1e3);
-    Ok(agg
+    let kinds = agg
         .into_iter()
         .map(|(kind, (steps, secs, adds))| {
             let per_ns = adds / (secs * 1e9);
@@ -276,7 +312,8 @@ fn layer_rows(
                 },
             }
         })
-        .collect())
+        .collect();
+    Ok((kinds, steps))
 }
 
 fn print_report(r: &BenchReport) -> anyhow::Result<()> {
@@ -323,6 +360,39 @@ fn print_report(r: &BenchReport) -> anyhow::Result<()> {
                 row.lane_adds_per_ns,
                 row.fraction_of_limit
                     .map_or("-".to_string(), |f| format!("{:.0} %", f * 100.0))
+            );
+        }
+    }
+    if let Some(rows) = &r.steps {
+        out!(
+            "  {:<28} {:<15} {:>11} {:>6} {:>8} {:>8} {:>8}",
+            "step",
+            "kind",
+            "cout/groups",
+            "taps",
+            "terms",
+            "us",
+            "adds/ns"
+        );
+        for row in rows {
+            let (shape, taps, terms) = match &row.conv {
+                Some(c) => (
+                    format!("{}/{}", c.cout, c.groups),
+                    c.taps_per_group.to_string(),
+                    c.terms.to_string(),
+                ),
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            out!(
+                "  {:<28} {:<15} {:>11} {:>6} {:>8} {:>8.1} {:>8}",
+                row.value,
+                row.kind,
+                shape,
+                taps,
+                terms,
+                row.us,
+                row.lane_adds_per_ns
+                    .map_or("-".to_string(), |a| format!("{a:.1}"))
             );
         }
     }

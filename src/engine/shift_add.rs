@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use crate::engine::Backend;
 use crate::engine::kernels::{
     self, Activation, BinaryOp, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES,
-    PhaseSplit, PlaneOut, ShiftAddKernel, TileOut, store_flat,
+    MAX_PHASE_STRIDE, PhaseSplit, PlaneOut, ShiftAddKernel, TileOut, store_flat,
 };
 use crate::engine::quant_params::{ActivationScales, QParams};
 use crate::engine::reference::{ReferenceInterpreter, eval_node};
@@ -874,6 +874,12 @@ fn plan_conv(
     let [kh, kw] = conv.kernel;
     let [sy, sx] = conv.stride;
     let [dy, dx] = conv.dilation;
+    if sy.max(sx) > MAX_PHASE_STRIDE {
+        return Err(Error::Model(format!(
+            "{}: stride {:?} is larger than the shift-add engine supports ({MAX_PHASE_STRIDE})",
+            node.name, conv.stride
+        )));
+    }
     let direct = conv.kernel == [1, 1] && conv.stride == [1, 1] && conv.pads == [0; 4];
     let mut taps = Vec::with_capacity(groups * cin_g * kh * kw);
     let (source, pitch) = if direct {
@@ -995,27 +1001,39 @@ fn resize_nearest_u8(
     let (h, w) = (in_shape[2], in_shape[3]);
     let (oh, ow) = (out_shape[2], out_shape[3]);
     let planes = out_shape[0] * out_shape[1];
+    let [sy, sx] = scale;
     for p in 0..planes {
         let src = &x[p * h * w..][..h * w];
         let dst = &mut out[p * oh * ow..][..oh * ow];
-        for (oy, drow) in dst.chunks_exact_mut(ow).enumerate() {
-            let row = &src[(oy / scale[0]) * w..][..w];
-            for (ox, d) in drow.iter_mut().enumerate() {
-                *d = row[ox / scale[1]];
+        // Each source row is widened once and then copied to its other sy - 1 output rows: no
+        // per-element division (which made this step cost as much as a conv).
+        for (row, block) in src.chunks_exact(w).zip(dst.chunks_mut(sy * ow)) {
+            let (first, rest) = block.split_at_mut(ow.min(block.len()));
+            if sx == 2 {
+                // Pairs of whole elements: a loop the compiler vectorises (the x2 upsamples of
+                // YOLO necks).
+                for (&v, d) in row.iter().zip(first.as_chunks_mut::<2>().0) {
+                    *d = [v, v];
+                }
+            } else {
+                for (&v, d) in row.iter().zip(first.chunks_mut(sx)) {
+                    d.fill(v);
+                }
+            }
+            for r in rest.chunks_mut(ow) {
+                r.copy_from_slice(&first[..r.len()]);
             }
         }
     }
 }
 
 /// `out = po.quantize(pi.dequantize(x))` through a 256-entry table.
-fn requantize_u8(x: &[u8], pi: QParams, po: QParams, out: &mut [u8]) {
+fn requantize_u8(kernel: &dyn ShiftAddKernel, x: &[u8], pi: QParams, po: QParams, out: &mut [u8]) {
     let mut table = [0u8; 256];
     for (q, t) in table.iter_mut().enumerate() {
         *t = po.quantize(pi.dequantize(q as u8));
     }
-    for (d, &q) in out.iter_mut().zip(x) {
-        *d = table[usize::from(q)];
-    }
+    kernel.lookup_u8(&table, x, out);
 }
 
 fn dequantize(data: &[u8], shape: &[usize], p: QParams) -> Tensor {
@@ -1228,7 +1246,7 @@ impl ShiftAddEngine {
                         if pi == po {
                             dst.copy_from_slice(src);
                         } else {
-                            requantize_u8(src, pi, po, dst);
+                            requantize_u8(&*self.kernel, src, pi, po, dst);
                         }
                         at += chunk;
                     }

@@ -557,6 +557,9 @@ pub struct PhaseSplit {
     pub wq: usize,
 }
 
+/// The largest conv stride the phase split handles (larger strides are refused at load).
+pub const MAX_PHASE_STRIDE: usize = 8;
+
 /// The row copies of [`split_phases_with`], so each kernel family can supply its own.
 pub(crate) trait RowCopy {
     /// `dst = src` (equal lengths).
@@ -606,19 +609,21 @@ pub(crate) fn split_phases_with<R: RowCopy + ?Sized>(
         wq,
     } = geom;
     let plane = phases.len() / (sy * sx);
-    // (phase column offset within a phase row, first input column) of column phase `px`.
-    let start = |px: usize| {
+    // Per column phase: (offset of its first written column within a phase row, first input
+    // column). Computed once: the row loop below runs for every row of every channel, and the
+    // divisions here cost more than a short row's copy.
+    let mut cols = [(0usize, 0usize); MAX_PHASE_STRIDE];
+    for (px, c) in cols.iter_mut().enumerate().take(sx) {
         let first_c = (pads[1] + sx - 1 - px) / sx;
-        (first_c, first_c * sx + px - pads[1])
-    };
-    for (y, row) in input.chunks_exact(w).take(h).enumerate() {
-        let yp = y + pads[0];
-        let (py, r) = (yp % sy, yp / sy);
-        let at = |px: usize| (py * sx + px) * plane + r * wq + start(px).0;
+        *c = (first_c, first_c * sx + px - pads[1]);
+    }
+    // For sx == 2, one pass over the row feeds both column phases: the phase whose first input
+    // column is 0 takes the even columns, the other the odd ones.
+    let even = usize::from(sx == 2 && cols[1].1 == 0);
+    let (mut py, mut r) = (pads[0] % sy, pads[0] / sy);
+    for row in input.chunks_exact(w).take(h) {
+        let at = |px: usize| (py * sx + px) * plane + r * wq + cols[px].0;
         if sx == 2 {
-            // One pass over the row feeds both column phases: the phase whose first input column
-            // is 0 takes the even columns, the other the odd ones.
-            let even = usize::from(start(1).1 == 0);
             let (ne, no) = (w.div_ceil(2), w / 2);
             let (ae, ao) = (at(even), at(1 - even));
             let (de, dodd) = if ae < ao {
@@ -629,22 +634,26 @@ pub(crate) fn split_phases_with<R: RowCopy + ?Sized>(
                 (&mut hi[..ne], &mut lo[ao..ao + no])
             };
             rows.deinterleave(row, de, dodd);
-            continue;
-        }
-        for px in 0..sx {
-            let x0 = start(px).1;
-            if x0 >= w {
-                continue;
-            }
-            let n = (w - x0).div_ceil(sx);
-            let dst = &mut phases[at(px)..][..n];
-            if sx == 1 {
-                rows.copy(&row[x0..x0 + n], dst);
-            } else {
-                for (d, &v) in dst.iter_mut().zip(row[x0..].iter().step_by(sx)) {
-                    *d = v;
+        } else {
+            for (px, &(_, x0)) in cols.iter().enumerate().take(sx) {
+                if x0 >= w {
+                    continue;
+                }
+                let n = (w - x0).div_ceil(sx);
+                let dst = &mut phases[at(px)..][..n];
+                if sx == 1 {
+                    rows.copy(&row[x0..x0 + n], dst);
+                } else {
+                    for (d, &v) in dst.iter_mut().zip(row[x0..].iter().step_by(sx)) {
+                        *d = v;
+                    }
                 }
             }
+        }
+        py += 1;
+        if py == sy {
+            py = 0;
+            r += 1;
         }
     }
 }
@@ -730,6 +739,15 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
     /// `a`, `b` and `out` have the same length.
     fn binary_u8(&self, a: &[u8], b: &[u8], grids: [QParams; 3], op: BinaryOp, out: &mut [u8]) {
         scalar::binary_u8(a, b, grids, op, out);
+    }
+
+    /// `out[i] = table[x[i]]` (a requantization from one grid to another). Panics unless the
+    /// lengths are equal.
+    fn lookup_u8(&self, table: &[u8; 256], x: &[u8], out: &mut [u8]) {
+        assert_eq!(x.len(), out.len(), "operand lengths");
+        for (d, &q) in out.iter_mut().zip(x) {
+            *d = table[usize::from(q)];
+        }
     }
 
     /// `out[i] = p.quantize(x[i])` (the graph input). Panics unless the lengths are equal.

@@ -65,15 +65,32 @@ fn channel_segments(prog: &ConvProgram, oc: usize) -> &[Segment] {
 
 /// Tiles of `u8` rows read 64 positions per load (see the module documentation); direct programs
 /// in blocks of two to eight registers of 32 `i16` lanes. Needs AVX-512F and AVX-512BW.
+/// Where AVX-512 VBMI exists too (Ice Lake and later, Zen 4 and later; not Skylake-SP or
+/// Cascade Lake), byte permutes run the requantization lookups (a concat of two grids: 21 -> 3 us
+/// on yolo-fastest-voc); the conv kernels do not use it. (A VBMI stride-2 phase split measured no
+/// faster: those steps wait on reading the input, not on the shuffles.)
 #[derive(Debug, Clone, Copy)]
 pub struct Avx512bwKernel {
-    _private: (),
+    vbmi: bool,
 }
 
 impl Avx512bwKernel {
     pub fn new() -> Option<Self> {
-        (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
-            .then_some(Avx512bwKernel { _private: () })
+        (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")).then(|| {
+            Avx512bwKernel {
+                vbmi: is_x86_feature_detected!("avx512vbmi"),
+            }
+        })
+    }
+
+    /// The same kernel without its VBMI paths (so tests cover both on a VBMI machine).
+    pub fn without_vbmi(self) -> Self {
+        Avx512bwKernel { vbmi: false }
+    }
+
+    /// Whether the VBMI paths are in use.
+    pub fn uses_vbmi(&self) -> bool {
+        self.vbmi
     }
 }
 
@@ -154,6 +171,18 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
         unsafe { split_phases_avx512(self, input, geom, phases) }
     }
 
+    fn lookup_u8(&self, table: &[u8; 256], x: &[u8], out: &mut [u8]) {
+        assert_eq!(x.len(), out.len(), "operand lengths");
+        if !self.vbmi {
+            for (d, &q) in out.iter_mut().zip(x) {
+                *d = table[usize::from(q)];
+            }
+            return;
+        }
+        // SAFETY: the features exist (constructor, VBMI included); the lengths are equal.
+        unsafe { lookup_u8_vbmi(table, x, out) }
+    }
+
     fn quantize_f32(&self, x: &[f32], p: QParams, out: &mut [u8]) {
         assert_eq!(x.len(), out.len(), "operand lengths");
         let main = out.len() - out.len() % 64;
@@ -203,6 +232,29 @@ unsafe fn split_phases_avx512(
     phases: &mut [u8],
 ) {
     split_phases_with(k, input, geom, phases);
+}
+
+/// `out[i] = table[x[i]]`: two 128-entry permutes per 64 bytes, picked by each index's top bit.
+/// The caller guarantees equal lengths.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn lookup_u8_vbmi(table: &[u8; 256], x: &[u8], out: &mut [u8]) {
+    let t = table.as_ptr();
+    // SAFETY: the table holds 256 bytes: four 64-byte loads.
+    let [t0, t1, t2, t3] =
+        [0, 64, 128, 192].map(|o| unsafe { _mm512_loadu_si512(t.add(o).cast()) });
+    let n = x.len();
+    for i in (0..n).step_by(64) {
+        let m = lanes_mask(n - i);
+        // SAFETY: i < n = out.len(); the masks admit only lanes i .. min(i + 64, n) of both
+        // slices; masked-off lanes are not accessed.
+        unsafe {
+            let q = _mm512_maskz_loadu_epi8(m, x.as_ptr().add(i).cast());
+            let lo = _mm512_permutex2var_epi8(t0, q, t1);
+            let hi = _mm512_permutex2var_epi8(t2, q, t3);
+            let v = _mm512_mask_blend_epi8(_mm512_movepi8_mask(q), lo, hi);
+            _mm512_mask_storeu_epi8(out.as_mut_ptr().add(i).cast(), m, v);
+        }
+    }
 }
 
 /// The mask of the first `n.min(64)` byte lanes.
