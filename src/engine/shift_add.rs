@@ -788,8 +788,12 @@ fn conv_block(
     let pairs = 2 * prog.tile_rows() * kernel.tile_row_bytes() <= PAIRED_TILE_BYTES;
     let mut tiles = vec![0i16; if pairs { 2 * tile_len } else { tile_len }];
     let rows = (hi - lo).min(cout_g);
-    let mut stage_u8 = vec![0u8; 2 * rows * LANES];
-    let mut stage_f32 = vec![0f32; 2 * rows * LANES];
+    // Staging for the tiles that do not go straight to their rows, sized for the output's type
+    // only (zeroing an unused f32 stage cost more than some small convs).
+    let (mut stage_u8, mut stage_f32) = match out {
+        OutSlice::U8(_) => (vec![0u8; 2 * rows * LANES], Vec::new()),
+        OutSlice::F32(_) => (Vec::new(), vec![0f32; 2 * rows * LANES]),
+    };
     let (g_lo, g_hi) = (lo / cout_g, (hi - 1) / cout_g + 1);
     for g in g_lo..g_hi {
         let a = lo.max(g * cout_g);
