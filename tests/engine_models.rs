@@ -9,7 +9,7 @@ use lbw::engine::kernels::KernelChoice;
 use lbw::engine::ptq::{PtqEngine, build_ptq_engine, default_quantize_options};
 use lbw::engine::quant_params::RangeObserver;
 use lbw::engine::reference::ReferenceInterpreter;
-use lbw::engine::shift_add::{EngineOptions, fake_quant_simulation};
+use lbw::engine::shift_add::{EngineOptions, ShiftAddEngine, fake_quant_simulation};
 use lbw::engine::tract_fp32::TractFp32;
 use lbw::model::{LoadedModel, Tensor, load_builtin};
 use lbw::quant::Bits;
@@ -148,6 +148,23 @@ fn engine_runs_every_shared_detector_close_to_its_simulation() {
             fake_quant_simulation(&model.graph, &built.quantized.tensors, &built.engine).unwrap();
         let want = sim.run(all[2].clone()).unwrap();
         let got = built.engine.run(all[2].clone()).unwrap();
+        // The same plan on one thread gives the same bits: the blocks threads run (output
+        // channels, input channels of a split source) never share an output.
+        let single = ShiftAddEngine::new(
+            &model.graph,
+            &built.quantized.tensors,
+            &built.scales,
+            &EngineOptions {
+                kernel: KernelChoice::Auto,
+                threads: 1,
+            },
+        )
+        .unwrap()
+        .run(all[2].clone())
+        .unwrap();
+        for (g, s) in got.iter().zip(&single) {
+            assert_eq!(g.data, s.data, "{id}: two threads differ from one");
+        }
         for (g, w) in got.iter().zip(&want) {
             assert_eq!(g.shape, w.shape, "{id}");
             assert!(g.data.iter().all(|v| v.is_finite()), "{id}");

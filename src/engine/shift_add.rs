@@ -571,22 +571,25 @@ impl ShiftAddEngine {
                 len,
             } => {
                 let mut buf = self.take_buffer(*len);
-                buf.fill(c.in_zero_point);
-                let plane = hq * wq;
-                for ic in 0..*ch {
-                    self.kernel.split_phases(
-                        &input[ic * h * w..][..h * w],
-                        PhaseSplit {
-                            h: *h,
-                            w: *w,
-                            pads: *pads,
-                            stride: *stride,
-                            wq: *wq,
-                        },
-                        &mut buf[ic * stride[0] * stride[1] * plane..]
-                            [..stride[0] * stride[1] * plane],
-                    );
-                }
+                let per = stride[0] * stride[1] * hq * wq;
+                let split = PhaseSplit {
+                    h: *h,
+                    w: *w,
+                    pads: *pads,
+                    stride: *stride,
+                    wq: *wq,
+                };
+                let (planes, tail) = buf.split_at_mut(ch * per);
+                tail.fill(c.in_zero_point);
+                // One input channel per task: the stem's split (3 channels of 320x320) was the
+                // serial part of its conv at two threads.
+                let mut slices: Vec<&mut [u8]> = planes.chunks_mut(per).collect();
+                let bounds: Vec<usize> = (0..=*ch).collect();
+                let kernel = self.kernel.as_ref();
+                self.parallel(&mut slices, &bounds, |ic, _, dst| {
+                    dst.fill(c.in_zero_point);
+                    kernel.split_phases(&input[ic * h * w..][..h * w], split, dst);
+                });
                 &*src_buf.insert(buf)
             }
         };
