@@ -5,6 +5,7 @@
 //! simulation of the same conv.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use lbw::engine::Backend;
 use lbw::engine::kernels::{
@@ -16,6 +17,19 @@ use lbw::engine::shift_add::{EngineOptions, ShiftAddEngine, fake_quant_simulatio
 use lbw::model::{Conv, Graph, Node, Op, Tensor};
 use lbw::quant::{Bits, Code, QuantizedTensor};
 use proptest::prelude::*;
+
+/// Every kernel this CPU runs, plus the AVX-512 one without its VBMI path where that
+/// exist (the paths Skylake-SP and Cascade Lake take).
+fn kernels_under_test() -> Vec<Arc<dyn ShiftAddKernel>> {
+    let mut kernels = available_kernels();
+    #[cfg(target_arch = "x86_64")]
+    if let Some(k) = lbw::engine::kernels::x86_64::Avx512bwKernel::new()
+        && k.uses_vbmi()
+    {
+        kernels.push(Arc::new(k.without_vbmi()));
+    }
+    kernels
+}
 
 /// A tiny deterministic generator so one proptest seed drives whole tensors.
 struct Lcg(u64);
@@ -150,7 +164,7 @@ proptest! {
         let scalar = select_kernel(KernelChoice::Scalar).unwrap();
         let tile = build(scalar.as_ref());
         let want = run_program(scalar.as_ref(), &prog, &tile, u8_out);
-        for kernel in available_kernels() {
+        for kernel in kernels_under_test() {
             // Each kernel runs its schedule over a tile in its own layout.
             let own_tile = build(kernel.as_ref());
             let got = run_program(kernel.as_ref(), &prog, &own_tile, u8_out);
@@ -208,7 +222,7 @@ proptest! {
         // Rows of channel i at i * stride (a plane), tile j at + j * LANES; the gaps stay put.
         let stride = 2 * LANES + rng.below(100) as usize;
         let len = (cout - 1) * stride + 2 * LANES;
-        for kernel in available_kernels() {
+        for kernel in kernels_under_test() {
             let (mut bytes, mut floats) = (vec![7u8; len], vec![7f32; len]);
             let out = if u8_out {
                 TileOut::U8(&mut bytes)
@@ -304,7 +318,7 @@ proptest! {
                 store_flat(&lanes_f32, base, geom, &mut want_f32);
             }
         }
-        for kernel in available_kernels() {
+        for kernel in kernels_under_test() {
             // Stale contents must be overwritten everywhere.
             let (mut got_u8, mut got_f32) = (vec![7u8; plane], vec![f32::NAN; plane]);
             if u8_out {
@@ -350,7 +364,7 @@ proptest! {
             }
         }
         let want = case.run(KernelChoice::Scalar);
-        for k in available_kernels() {
+        for k in kernels_under_test() {
             let got = case.run(KernelChoice::parse(k.name()).unwrap());
             for (a, b) in got.iter().zip(&want) {
                 let same = a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits());
@@ -382,7 +396,7 @@ proptest! {
         let want = split(select_kernel(KernelChoice::Scalar).unwrap().as_ref());
         // Every input byte lands somewhere: the phase planes hold the input once.
         prop_assert_eq!(want.iter().filter(|&&v| v != 7).count(), input.iter().filter(|&&v| v != 7).count());
-        for k in available_kernels() {
+        for k in kernels_under_test() {
             prop_assert_eq!(&split(k.as_ref()), &want, "kernel {}", k.name());
         }
     }
@@ -416,7 +430,7 @@ proptest! {
                 po.quantize(if mul { u * v } else { u + v })
             })
             .collect();
-        for k in available_kernels() {
+        for k in kernels_under_test() {
             let mut got = vec![7u8; n];
             k.binary_u8(&a, &b, grids, op, &mut got);
             prop_assert_eq!(&got, &want, "kernel {}", k.name());
@@ -431,12 +445,7 @@ proptest! {
         let table: [u8; 256] = std::array::from_fn(|_| rng.below(256) as u8);
         let x = random_u8(&mut rng, n, false);
         let want: Vec<u8> = x.iter().map(|&q| table[usize::from(q)]).collect();
-        let mut kernels = available_kernels();
-        #[cfg(target_arch = "x86_64")]
-        if let Some(k) = lbw::engine::kernels::x86_64::Avx512bwKernel::new() {
-            kernels.push(std::sync::Arc::new(k.without_vbmi()));
-        }
-        for k in kernels {
+        for k in kernels_under_test() {
             let mut got = vec![7u8; n];
             k.lookup_u8(&table, &x, &mut got);
             prop_assert_eq!(&got, &want, "kernel {}", k.name());
@@ -463,7 +472,7 @@ proptest! {
             })
             .collect();
         let want: Vec<u8> = x.iter().map(|&v| p.quantize(v)).collect();
-        for k in available_kernels() {
+        for k in kernels_under_test() {
             let mut got = vec![7u8; n];
             k.quantize_f32(&x, p, &mut got);
             prop_assert_eq!(&got, &want, "kernel {}", k.name());
@@ -509,7 +518,7 @@ proptest! {
             far += usize::from(d > 1e-3);
         }
         prop_assert!(far * 20 <= want[0].data.len(), "{far} of {} outputs differ", want[0].data.len());
-        for k in available_kernels() {
+        for k in kernels_under_test() {
             let choice = KernelChoice::parse(k.name()).unwrap();
             let got = case.run(choice);
             for (a, b) in got.iter().zip(&want) {
