@@ -19,7 +19,7 @@ use lbw::quant::{Bits, Code, QuantizedTensor};
 use proptest::prelude::*;
 
 /// Every kernel this CPU runs, plus the AVX-512 one without its VBMI path where that
-/// exist (the paths Skylake-SP and Cascade Lake take).
+/// exists (the path Skylake-SP and Cascade Lake take).
 fn kernels_under_test() -> Vec<Arc<dyn ShiftAddKernel>> {
     let mut kernels = available_kernels();
     #[cfg(target_arch = "x86_64")]
