@@ -194,12 +194,26 @@ fn quantize_writes_a_loadable_lbw_and_quantize_tensor_round_trips_npy() {
         "lbw4",
         "--iters",
         "2",
+        "--steps",
         "--json",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let bench: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(bench["engine"], "shift-add");
     assert!(bench["p50_ms"].as_f64().unwrap() > 0.0);
+    // --steps lists every step once, each conv with its arithmetic, and the per-kind rows add up
+    // to the same steps.
+    let steps = bench["steps"].as_array().unwrap();
+    let kinds = bench["layers"].as_array().unwrap();
+    let per_kind: u64 = kinds.iter().map(|k| k["steps"].as_u64().unwrap()).sum();
+    assert_eq!(per_kind as usize, steps.len());
+    let convs: Vec<_> = steps.iter().filter(|s| !s["conv"].is_null()).collect();
+    assert!(convs.len() > 20, "{} convs", convs.len());
+    for s in &convs {
+        assert!(s["us"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["conv"]["terms"].as_u64().unwrap() > 0, "{s}");
+        assert!(s["lane_adds_per_ns"].as_f64().unwrap() > 0.0, "{s}");
+    }
     assert_fails(
         &lbw(&[
             "bench",
