@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use lbw::engine::Backend;
 use lbw::engine::kernels::{
-    Activation, BinaryOp, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES, PhaseSplit,
-    PlaneOut, ShiftAddKernel, TileOut, available_kernels, select_kernel, store_flat,
+    Activation, BinaryOp, ConvProgram, ConvSpec, FlatGeometry, KernelChoice, LANES,
+    MAX_TILES_PER_PASS, PhaseSplit, PlaneOut, ShiftAddKernel, TileOut, available_kernels,
+    select_kernel, store_flat,
 };
 use lbw::engine::quant_params::{ActivationScales, QParams};
 use lbw::engine::shift_add::{EngineOptions, ShiftAddEngine, fake_quant_simulation};
@@ -174,12 +175,13 @@ proptest! {
         }
     }
 
-    /// `run_channels2` (two tiles per pass over the schedules) computes what `run_channels`
-    /// computes on each tile, on every kernel: segment splits, wide exponent spreads, saturated
-    /// activations, both output kinds.
+    /// `run_channels_multi` (two or three tiles per pass over the schedules) computes what
+    /// `run_channels` computes on each tile, on every kernel: segment splits, wide exponent
+    /// spreads, saturated activations, both output kinds.
     #[test]
     fn paired_tiles_match_single_tiles_on_every_kernel(
         seed in any::<u64>(),
+        count in 2usize..=MAX_TILES_PER_PASS,
         k in 1usize..300,
         cout in 2usize..7,
         bits in 2u8..=8,
@@ -203,10 +205,10 @@ proptest! {
             act: act_of(act),
             output: u8_out.then_some((0.05 + rng.unit(), rng.below(256) as u8)),
         }).unwrap();
-        let (src, taps) = random_rows(&mut rng, k, 2);
+        let (src, taps) = random_rows(&mut rng, k, count);
         // Each kernel's tiles in its own layout.
         let tiles_of = |kernel: &dyn ShiftAddKernel| -> Vec<Vec<i16>> {
-            (0..2)
+            (0..count)
                 .map(|h| {
                     let mut tile = vec![0i16; prog.tile_rows() * LANES];
                     kernel.build_tile(&src, &taps, h * LANES, &mut tile);
@@ -220,8 +222,8 @@ proptest! {
             .map(|t| run_program(scalar.as_ref(), &prog, t, u8_out))
             .collect();
         // Rows of channel i at i * stride (a plane), tile j at + j * LANES; the gaps stay put.
-        let stride = 2 * LANES + rng.below(100) as usize;
-        let len = (cout - 1) * stride + 2 * LANES;
+        let stride = count * LANES + rng.below(100) as usize;
+        let len = (cout - 1) * stride + count * LANES;
         for kernel in kernels_under_test() {
             let (mut bytes, mut floats) = (vec![7u8; len], vec![7f32; len]);
             let out = if u8_out {
@@ -230,7 +232,8 @@ proptest! {
                 TileOut::F32(&mut floats)
             };
             let tiles = tiles_of(kernel.as_ref());
-            kernel.run_channels2(&prog, 0, cout, [&tiles[0], &tiles[1]], out, stride);
+            let refs: Vec<&[i16]> = tiles.iter().map(|t| &t[..]).collect();
+            kernel.run_channels_multi(&prog, 0, cout, &refs, out, stride);
             for i in 0..cout {
                 for (h, want) in want.iter().enumerate() {
                     let at = i * stride + h * LANES;
@@ -250,7 +253,7 @@ proptest! {
                     }
                 }
                 if i + 1 < cout {
-                    let gap = i * stride + 2 * LANES..(i + 1) * stride;
+                    let gap = i * stride + count * LANES..(i + 1) * stride;
                     prop_assert!(bytes[gap.clone()].iter().all(|&b| b == 7), "gap written");
                     prop_assert!(floats[gap].iter().all(|&f| f == 7.0), "gap written");
                 }

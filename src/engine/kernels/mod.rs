@@ -699,25 +699,26 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
         out: TileOut<'_>,
     );
 
-    /// Runs output channels `first_oc .. first_oc + n` over two tiles (two runs of positions):
-    /// channel `first_oc + i`'s [`LANES`] outputs from `tiles[j]` go to `out[i * stride + j *
-    /// LANES..]`, exactly what [`Self::run_channels`] on each tile computes. With `stride` the
-    /// plane size, the outputs land straight in their planes. A kernel may run both tiles at once
-    /// (one pass over each channel's schedule, twice the independent accumulators). Panics as
-    /// `run_channels` does, or unless `stride >= 2 * LANES` and `out` holds `(n - 1) * stride + 2 *
-    /// LANES` values.
-    fn run_channels2(
+    /// Runs output channels `first_oc .. first_oc + n` over `tiles.len()` tiles (neighbouring runs
+    /// of positions, at most [`MAX_TILES_PER_PASS`]): channel `first_oc + i`'s [`LANES`] outputs
+    /// from `tiles[j]` go to `out[i * stride + j * LANES..]`, exactly what [`Self::run_channels`]
+    /// on each tile computes. With `stride` the plane size, the outputs land straight in their
+    /// planes. A kernel may run the tiles at once (one pass over each channel's schedule, more
+    /// independent accumulators). Panics as `run_channels` does, or unless `1 <= tiles.len() <=
+    /// MAX_TILES_PER_PASS`, `stride >= tiles.len() * LANES` and `out` holds `(n - 1) * stride +
+    /// tiles.len() * LANES` values.
+    fn run_channels_multi(
         &self,
         prog: &ConvProgram,
         first_oc: usize,
         n: usize,
-        tiles: [&[i16]; 2],
+        tiles: &[&[i16]],
         mut out: TileOut<'_>,
         stride: usize,
     ) {
-        check_paired_out(n, &out, stride);
+        check_multi_out(n, tiles.len(), &out, stride);
         for i in 0..n {
-            for (j, tile) in tiles.into_iter().enumerate() {
+            for (j, tile) in tiles.iter().enumerate() {
                 let at = i * stride + j * LANES;
                 let row = match &mut out {
                     TileOut::U8(o) => TileOut::U8(&mut o[at..][..LANES]),
@@ -772,15 +773,43 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
     );
 }
 
-/// The output checks of [`ShiftAddKernel::run_channels2`].
-pub(crate) fn check_paired_out(n: usize, out: &TileOut<'_>, stride: usize) {
+/// Most tiles one [`ShiftAddKernel::run_channels_multi`] call takes.
+pub const MAX_TILES_PER_PASS: usize = 3;
+
+/// The L1 data cache of the CPU the process runs on (Linux sysfs), or 32 KiB where it cannot be
+/// read: what decides how many tiles a conv runs per pass.
+pub fn l1_data_bytes() -> usize {
+    static L1D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *L1D.get_or_init(|| read_l1_data_bytes().unwrap_or(32 * 1024))
+}
+
+fn read_l1_data_bytes() -> Option<usize> {
+    for index in 0..4 {
+        let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{index}");
+        let level = std::fs::read_to_string(format!("{dir}/level")).ok()?;
+        let kind = std::fs::read_to_string(format!("{dir}/type")).ok()?;
+        if level.trim() == "1" && kind.trim() == "Data" {
+            let size = std::fs::read_to_string(format!("{dir}/size")).ok()?;
+            let kib: usize = size.trim().strip_suffix('K')?.parse().ok()?;
+            return Some(kib * 1024);
+        }
+    }
+    None
+}
+
+/// The tile count and output checks of [`ShiftAddKernel::run_channels_multi`].
+pub(crate) fn check_multi_out(n: usize, tiles: usize, out: &TileOut<'_>, stride: usize) {
     let len = match out {
         TileOut::U8(o) => o.len(),
         TileOut::F32(o) => o.len(),
     };
-    assert!(stride >= 2 * LANES, "paired tile rows overlap");
     assert!(
-        n == 0 || len >= (n - 1) * stride + 2 * LANES,
+        (1..=MAX_TILES_PER_PASS).contains(&tiles),
+        "{tiles} tiles in one pass"
+    );
+    assert!(stride >= tiles * LANES, "tile rows overlap");
+    assert!(
+        n == 0 || len >= (n - 1) * stride + tiles * LANES,
         "output too small"
     );
 }

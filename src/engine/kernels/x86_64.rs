@@ -29,7 +29,7 @@ use crate::engine::quant_params::QParams;
 
 use super::{
     Activation, BinaryOp, ConvProgram, FlatGeometry, LANES, OutputKind, PhaseSplit, PlaneOut,
-    RowCopy, Segment, ShiftAddKernel, TileOut, check_direct, check_paired_out, split_phases_with,
+    RowCopy, Segment, ShiftAddKernel, TileOut, check_direct, check_multi_out, split_phases_with,
     store_flat,
 };
 
@@ -128,24 +128,31 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
         unsafe { run_channels_avx512(prog, first_oc, n, [tile], out, LANES) }
     }
 
-    fn run_channels2(
+    fn run_channels_multi(
         &self,
         prog: &ConvProgram,
         first_oc: usize,
         n: usize,
-        tiles: [&[i16]; 2],
+        tiles: &[&[i16]],
         out: TileOut<'_>,
         stride: usize,
     ) {
-        check_paired_out(n, &out, stride);
+        check_multi_out(n, tiles.len(), &out, stride);
         for t in tiles {
             // The output is checked above; this checks the program, channels and tile.
             check_run(prog, first_oc, n, t, n * LANES);
         }
-        // SAFETY: the features exist (constructor); `check_run` bounds the channels and both
-        // tiles, `check_paired_out` the output rows `i * stride + j * LANES .. + LANES`;
+        // SAFETY (all three): the features exist (constructor); `check_run` bounds the channels
+        // and every tile, `check_multi_out` the output rows `i * stride + j * LANES .. + LANES`;
         // `ConvProgram::build` guarantees every term indexes a tap below `k`.
-        unsafe { run_channels_avx512(prog, first_oc, n, tiles, out, stride) }
+        match *tiles {
+            [t0] => unsafe { run_channels_avx512(prog, first_oc, n, [t0], out, stride) },
+            [t0, t1] => unsafe { run_channels_avx512(prog, first_oc, n, [t0, t1], out, stride) },
+            [t0, t1, t2] => unsafe {
+                run_channels_avx512(prog, first_oc, n, [t0, t1, t2], out, stride)
+            },
+            _ => unreachable!("checked by check_multi_out"),
+        }
     }
 
     fn run_direct(
