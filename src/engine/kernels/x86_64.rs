@@ -350,7 +350,7 @@ macro_rules! channel_acc_avx512 {
         let zero = _mm512_setzero_si512();
         // Per tile: even positions' lanes 0..16 and 16..32, then the odd positions'.
         let mut acc = [[zero; 4]; N];
-        for seg in channel_segments(prog, oc) {
+        for (si, seg) in channel_segments(prog, oc).iter().enumerate() {
             // `raw` sums whole words (even byte + 256 x odd byte), `odd` the odd bytes alone.
             let mut raw = [zero; N];
             let mut odd = [zero; N];
@@ -397,7 +397,8 @@ macro_rules! channel_acc_avx512 {
                     } else {
                         _mm512_sra_epi32(w, cnt)
                     };
-                    *a = _mm512_add_epi32(*a, s);
+                    // The first segment sets the accumulators (most channels have one).
+                    *a = if si == 0 { s } else { _mm512_add_epi32(*a, s) };
                 }
             }
         }
@@ -688,7 +689,7 @@ unsafe fn direct_block_avx512<const N: usize>(
 ) -> [[__m512i; 2]; N] {
     let zero = _mm512_setzero_si512();
     let mut acc = [[zero; 2]; N];
-    for seg in segs {
+    for (si, seg) in segs.iter().enumerate() {
         let mut a = [zero; N];
         for t in &prog.terms[seg.first as usize..][..seg.len as usize] {
             let tp = p.wrapping_add(taps[usize::from(t.tap)] as usize);
@@ -708,12 +709,16 @@ unsafe fn direct_block_avx512<const N: usize>(
                 _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(v)),
             ];
             for (d, x) in w.iter_mut().zip(wide) {
-                let s = if seg.shift32 >= 0 {
+                // Single-segment channels (most depthwise ones: nine terms) have shift32 = 0.
+                let s = if seg.shift32 == 0 {
+                    x
+                } else if seg.shift32 > 0 {
                     _mm512_sll_epi32(x, cnt)
                 } else {
                     _mm512_sra_epi32(x, cnt)
                 };
-                *d = _mm512_add_epi32(*d, s);
+                // The first segment sets the accumulators (most channels have one).
+                *d = if si == 0 { s } else { _mm512_add_epi32(*d, s) };
             }
         }
     }
