@@ -340,7 +340,9 @@ unsafe fn build_tile_avx512(src: &[u8], taps: &[u32], base: usize, tile: &mut [i
 }
 
 /// Runs output channel `oc`'s schedule over `N` byte tiles at once (see [`Avx512bwKernel`]) and
-/// returns each tile's 32-bit accumulators as four quarters of 16 lanes in position order. A macro
+/// returns each tile's 32-bit accumulators as four vectors of 16 lanes: the even positions of the
+/// tile's first and second halves, then the odd ones ([`pair_lanes_avx512`] and
+/// [`interleave_positions_avx512`] put them in the orders the stores want). A macro
 /// rather than a function: a `target_feature` function cannot be forced inline, and returned by
 /// value the accumulators went through the stack. The caller guarantees that every tile holds
 /// the program's `2k + 1` byte rows and runs it inside an AVX-512BW `target_feature` function.
