@@ -45,6 +45,10 @@ use crate::quant::{QuantizedTensor, simulate_graph};
 /// Largest two tiles (bytes) a conv runs in pairs through [`ShiftAddKernel::run_channels_multi`].
 const PAIRED_TILE_BYTES: usize = 32 * 1024;
 
+/// Element-wise steps at least this large are split between the threads (smaller ones cost less
+/// than handing work to another thread).
+const PARALLEL_BINARY_BYTES: usize = 32 * 1024;
+
 /// How many tiles of `bytes` each a conv runs per pass over its schedules: three while they leave
 /// 8 KiB of the L1 data cache free (on Zen 5's 48 KiB, up to K = 106 taps: the 1x1 convs of
 /// yolo-fastest-voc ran 1.30-1.36 -> 1.11-1.28 ms, one pass feeding three tiles' accumulators),
@@ -1277,13 +1281,25 @@ impl ShiftAddEngine {
                 let (xb, pb) = self.u8_input(values, *b);
                 let (xa, xb) = (&xa[..n_out], &xb[..n_out]);
                 match (&mut out, self.storage[out_slot]) {
-                    (Value::U8 { data, .. }, Storage::U8(po)) => self.kernel.binary_u8(
-                        xa,
-                        xb,
-                        [pa, pb, po],
-                        if *mul { BinaryOp::Mul } else { BinaryOp::Add },
-                        &mut data[..n_out],
-                    ),
+                    (Value::U8 { data, .. }, Storage::U8(po)) => {
+                        let op = if *mul { BinaryOp::Mul } else { BinaryOp::Add };
+                        // Large ones (the early shortcut adds, YOLOX's SiLU products) in one run
+                        // of whole 64-lane blocks per thread.
+                        let parts = if n_out >= PARALLEL_BINARY_BYTES {
+                            self.threads
+                        } else {
+                            1
+                        };
+                        let mut bounds: Vec<usize> = (0..=parts)
+                            .map(|i| i * n_out / parts / LANES * LANES)
+                            .collect();
+                        bounds[parts] = n_out;
+                        let mut slices = split_blocks(&mut data[..n_out], &bounds, 1);
+                        let kernel = self.kernel.as_ref();
+                        self.parallel(&mut slices, &bounds, |lo, hi, d| {
+                            kernel.binary_u8(&xa[lo..hi], &xb[lo..hi], [pa, pb, po], op, d)
+                        });
+                    }
                     (Value::F32(t), _) => {
                         for ((d, &qa), &qb) in t.data.iter_mut().zip(xa).zip(xb) {
                             let (u, v) = (pa.dequantize(qa), pb.dequantize(qb));
