@@ -51,8 +51,8 @@ const PARALLEL_BINARY_BYTES: usize = 32 * 1024;
 
 /// How many tiles of `bytes` each a conv runs per pass over its schedules: three while they leave
 /// 8 KiB of the L1 data cache free (on Zen 5's 48 KiB, up to K = 106 taps: the 1x1 convs of
-/// yolo-fastest-voc ran 1.30-1.36 -> 1.11-1.28 ms, one pass feeding three tiles' accumulators),
-/// two within 32 KiB, else one.
+/// yolo-fastest-voc ran 1.16-1.34 -> 1.09-1.29 ms, one pass feeding three tiles' accumulators;
+/// docs/ENGINE.md), two within 32 KiB, else one.
 fn tiles_per_pass(bytes: usize) -> usize {
     if 3 * bytes + 8 * 1024 <= kernels::l1_data_bytes() {
         3

@@ -745,10 +745,7 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
     /// `out[i] = table[x[i]]` (a requantization from one grid to another). Panics unless the
     /// lengths are equal.
     fn lookup_u8(&self, table: &[u8; 256], x: &[u8], out: &mut [u8]) {
-        assert_eq!(x.len(), out.len(), "operand lengths");
-        for (d, &q) in out.iter_mut().zip(x) {
-            *d = table[usize::from(q)];
-        }
+        scalar::lookup_u8(table, x, out);
     }
 
     /// `out[i] = p.quantize(x[i])` (the graph input). Panics unless the lengths are equal.

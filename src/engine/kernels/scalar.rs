@@ -92,6 +92,15 @@ pub(crate) fn direct_acc(prog: &ConvProgram, oc: usize, src: &[u8], base: usize)
     acc
 }
 
+/// `out[i] = table[x[i]]`, one byte at a time (the portable lookup, and the AVX-512 kernel's
+/// without VBMI). Panics unless the lengths are equal.
+pub(crate) fn lookup_u8(table: &[u8; 256], x: &[u8], out: &mut [u8]) {
+    assert_eq!(x.len(), out.len(), "operand lengths");
+    for (d, &q) in out.iter_mut().zip(x) {
+        *d = table[usize::from(q)];
+    }
+}
+
 /// The portable [`ShiftAddKernel::binary_u8`], in a shape the compiler vectorises (branch-free,
 /// fixed-size chunks).
 pub(crate) fn binary_u8(a: &[u8], b: &[u8], grids: [QParams; 3], op: BinaryOp, out: &mut [u8]) {

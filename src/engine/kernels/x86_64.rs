@@ -179,13 +179,10 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
     }
 
     fn lookup_u8(&self, table: &[u8; 256], x: &[u8], out: &mut [u8]) {
-        assert_eq!(x.len(), out.len(), "operand lengths");
         if !self.vbmi {
-            for (d, &q) in out.iter_mut().zip(x) {
-                *d = table[usize::from(q)];
-            }
-            return;
+            return super::scalar::lookup_u8(table, x, out);
         }
+        assert_eq!(x.len(), out.len(), "operand lengths");
         // SAFETY: the features exist (constructor, VBMI included); the lengths are equal.
         unsafe { lookup_u8_vbmi(table, x, out) }
     }
