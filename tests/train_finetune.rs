@@ -185,6 +185,56 @@ fn bad_inputs_are_clear_errors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `--holdout`: the held-out loss is measured where asked and logged, the lowest one's parameters
+/// are written beside the output (and as the output with `--select best`), and the photos it
+/// holds out leave training.
+#[test]
+fn held_out_loss_is_measured_and_the_best_parameters_kept() {
+    let dir = scratch("holdout");
+    let images = photos(&dir);
+    let mut cfg = common::short_run(&images, dir.join("best.lbw"), 4, 3);
+    cfg.holdout = 1;
+    cfg.validate_every = Some(2);
+    cfg.select_best = true;
+    let s = finetune(&cfg, &mut |_| {}).unwrap();
+    assert_eq!((s.images_available, s.holdout_photos), (3, 1));
+    let log = log_steps(&s.log);
+    let measured: Vec<u64> = log
+        .iter()
+        .filter(|r| r.holdout_loss.is_some())
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(measured, vec![2, 4]);
+    let initial = s
+        .initial_holdout_loss
+        .expect("measured before the first step");
+    let best = s.best_holdout.expect("a best measurement");
+    let all: Vec<f64> = std::iter::once(initial)
+        .chain(log.iter().filter_map(|r| r.holdout_loss))
+        .collect();
+    assert!(all.iter().all(|l| l.is_finite() && *l > 0.0), "{all:?}");
+    let lowest = all.iter().copied().fold(f64::INFINITY, f64::min);
+    assert_eq!(best.loss, lowest);
+    // The output is the best file, and says which step it holds.
+    let out = std::fs::read(dir.join("best.lbw")).unwrap();
+    assert_eq!(out, std::fs::read(dir.join("best.lbw.best.lbw")).unwrap());
+    let file = LbwFile::read(&dir.join("best.lbw")).unwrap();
+    assert_eq!(file.metadata.training["step"], best.step);
+    assert_eq!(file.metadata.training["holdout_photos"], 1);
+    assert!(load_detector(dir.join("best.lbw").to_str().unwrap()).is_ok());
+
+    // Holding out every photo, or selecting the best without held-out photos, is refused.
+    let mut cfg = common::short_run(&images, dir.join("x.lbw"), 2, 3);
+    cfg.holdout = 4;
+    let e = finetune(&cfg, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("--holdout 4 leaves no training photo"), "{e}");
+    cfg.holdout = 0;
+    cfg.select_best = true;
+    let e = finetune(&cfg, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("--select best needs"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The training interpreter must compute what the inference engines compute, or the student
 /// would learn to imitate a teacher that is not the FP32 model.
 #[test]

@@ -55,6 +55,19 @@ pub struct CheckpointHeader {
     pub initial_loss: Option<f64>,
     pub recent_loss: Option<f64>,
     pub params: Vec<ParamEntry>,
+    /// Photos held out of training (`--holdout`); 0 in checkpoints from before it existed.
+    #[serde(default)]
+    pub holdout: usize,
+    /// The lowest held-out loss so far, whose parameters are in the run's `.best.lbw`.
+    #[serde(default)]
+    pub best_holdout: Option<BestHoldout>,
+}
+
+/// A held-out measurement: after `step` steps (0: before the first), the loss `loss`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BestHoldout {
+    pub step: u64,
+    pub loss: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -183,6 +196,11 @@ mod tests {
                 name: "w".into(),
                 shape: vec![2, 1],
             }],
+            holdout: 3,
+            best_holdout: Some(BestHoldout {
+                step: 2,
+                loss: 0.25,
+            }),
         };
         let c = Checkpoint {
             header,

@@ -18,6 +18,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod distill;
+mod holdout;
 pub mod labels;
 pub mod net;
 pub mod optim;
@@ -44,10 +45,11 @@ use crate::model::{Graph, LoadedModel};
 use crate::quant::{
     Bits, Method, QuantizedTensor, Quantizer, quantize_with_alphas, simulate_graph,
 };
-use checkpoint::{Checkpoint, CheckpointHeader, ParamEntry};
+use checkpoint::{BestHoldout, Checkpoint, CheckpointHeader, ParamEntry};
 use data::{Augment, ImageSet};
 pub use distill::TermWeights;
 use distill::{LossParts, distill_loss};
+use holdout::HeldOut;
 use labels::{LabelSet, PhotoLabels, TargetBox};
 use net::{ActivationQuant, ForwardWeights, TrainGraph, tensor_from, to_host};
 use optim::{AdamConfig, AdamState, Schedule, adam_step};
@@ -166,6 +168,15 @@ pub struct FinetuneConfig {
     /// Stop after this many steps in this invocation (the schedule is unchanged; resume later).
     pub stop_after: Option<u64>,
     pub device: TrainDevice,
+    /// Photos kept out of training to measure the held-out distillation loss on (0: none); the
+    /// same photos of the same folders whatever the seed.
+    pub holdout: usize,
+    /// Steps between held-out measurements (`None`: a tenth of the run); also measured before the
+    /// first step and after the last.
+    pub validate_every: Option<u64>,
+    /// Write the parameters with the lowest held-out loss as the output instead of the last ones
+    /// (needs `holdout`). Either way they are also written as `<output>.best.lbw`.
+    pub select_best: bool,
 }
 
 impl FinetuneConfig {
@@ -200,6 +211,9 @@ impl FinetuneConfig {
             log: None,
             stop_after: None,
             device: TrainDevice::Cpu,
+            holdout: 0,
+            validate_every: None,
+            select_best: false,
         }
     }
 
@@ -235,6 +249,11 @@ impl FinetuneConfig {
             .unwrap_or_else(|| with_suffix(&self.output, ".ckpt"))
     }
 
+    /// Where the parameters with the lowest held-out loss are written.
+    pub fn best_path(&self) -> PathBuf {
+        with_suffix(&self.output, ".best.lbw")
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.log
             .clone()
@@ -259,6 +278,9 @@ pub struct StepReport {
     /// Training throughput of this step (teacher and student forward, backward, update).
     pub images_per_s: f64,
     pub elapsed_s: f64,
+    /// The held-out distillation loss after this step, on the steps where it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout_loss: Option<f64>,
 }
 
 /// What a finished (or stopped) invocation did.
@@ -283,6 +305,17 @@ pub struct FinetuneSummary {
     pub output: Option<PathBuf>,
     pub checkpoint: PathBuf,
     pub log: PathBuf,
+    /// Held-out photos (0: none measured).
+    #[serde(default)]
+    pub holdout_photos: usize,
+    /// The held-out loss before the first step (of a run that starts at step 0), of the last
+    /// measurement, and the lowest one so far with its step.
+    #[serde(default)]
+    pub initial_holdout_loss: Option<f64>,
+    #[serde(default)]
+    pub holdout_loss: Option<f64>,
+    #[serde(default)]
+    pub best_holdout: Option<checkpoint::BestHoldout>,
 }
 
 /// A trainable tensor: a conv weight (quantized in the forward pass unless kept), a bias, or the
@@ -580,6 +613,8 @@ fn plan_run(
             activation_ranges: BTreeMap::new(),
             initial_loss: None,
             recent_loss: None,
+            holdout: cfg.holdout,
+            best_holdout: None,
             params: slots
                 .iter()
                 .map(|s| ParamEntry {
@@ -856,7 +891,7 @@ pub fn finetune(
         None => crate::model::load_builtin(&cfg.model)?,
     };
     let label_set = LabelSet::scan(&cfg.label_dirs, &model.manifest.labels)?;
-    let (images, photo_labels) = labels::labelled_images(&cfg.image_dirs, &label_set)?;
+    let (all_images, all_labels) = labels::labelled_images(&cfg.image_dirs, &label_set)?;
     let yolo_heads = if cfg.label_dirs.is_empty() {
         None
     } else {
@@ -912,7 +947,16 @@ pub fn finetune(
         mut header,
         mut values,
         mut adam,
-    } = plan_run(cfg, &model, &slots, &initial, images.len())?;
+    } = plan_run(
+        cfg,
+        &model,
+        &slots,
+        &initial,
+        all_images.len().saturating_sub(cfg.holdout),
+    )?;
+    // A resumed run holds out what its checkpoint says it did.
+    let (images, photo_labels, held_out_images) =
+        holdout::split(all_images, all_labels, header.holdout)?;
     let bits = Bits::new(header.bits)?;
     let [rw, rh] = header.resolution;
     let spec = InputSpec {
@@ -940,6 +984,18 @@ pub fn finetune(
     let device = cfg.device.device()?;
     let ad_device = device.clone().autodiff();
     let teacher = constant_weights(&model.graph, &slots, &device)?;
+    let held_out = if held_out_images.is_empty() {
+        None
+    } else {
+        Some(HeldOut::prepare(
+            &held_out_images,
+            &source.spec,
+            header.batch,
+            &train_graph,
+            &teacher,
+            &device,
+        )?)
+    };
     let num_classes = model.manifest.labels.len();
     let batch = header.batch;
     let in_shape = [batch, 3, rh as usize, rw as usize];
@@ -1033,6 +1089,82 @@ pub fn finetune(
     let run_start = Instant::now();
     let elapsed_before = header.elapsed_s;
     let mut last_loss = None;
+    let validate_every = match cfg.validate_every {
+        Some(0) => return Err(Error::Input("--validate-every must be at least 1".into())),
+        Some(n) => n,
+        None => (header.total_steps / 10).max(1),
+    };
+    if cfg.select_best && held_out.is_none() {
+        return Err(Error::Input(
+            "--select best needs held-out photos: pass --holdout N".into(),
+        ));
+    }
+    let loss_spec = holdout::LossSpec {
+        decoder: &model.manifest.decoder,
+        num_classes,
+        weights: loss_weights,
+    };
+    let training_images = images.len();
+    let best_path = cfg.best_path();
+    let note_labels = |file: &mut LbwFile| {
+        if let (Some(_), Some(t)) = (&yolo_heads, file.metadata.training.as_object_mut()) {
+            t.insert(
+                "kind".into(),
+                "distillation from the FP32 model plus the YOLOv3 detection loss on VOC labels \
+                 (lbw finetune --labels)"
+                    .into(),
+            );
+            t.insert("label_weight".into(), cfg.label_weight.into());
+            t.insert("labelled_images".into(), label_set.photos.len().into());
+        }
+    };
+    // Measures the held-out loss of `values`; when it is the lowest so far, records it in the
+    // header and writes those parameters to `best_path`.
+    let validate = |header: &mut CheckpointHeader,
+                    values: &[Vec<f32>],
+                    act: &ActivationQuant|
+     -> Result<Option<f64>> {
+        let Some(h) = &held_out else {
+            return Ok(None);
+        };
+        let fw = student_weights(
+            &slots,
+            values,
+            quantizer.as_ref(),
+            bits,
+            per_channel,
+            &device,
+            false,
+        )?
+        .forward;
+        let loss = h.loss(&train_graph, &fw, act, loss_spec, &device)?.total;
+        if header.best_holdout.is_none_or(|b| loss < b.loss) {
+            // Before the first step only `act` holds the calibrated grids.
+            header.activation_ranges.clone_from(&act.ranges);
+            header.best_holdout = Some(BestHoldout {
+                step: header.step,
+                loss,
+            });
+            let mut file = export_lbw(
+                &model,
+                &slots,
+                values,
+                quantizer.as_ref(),
+                bits,
+                header,
+                training_images,
+            )?;
+            note_labels(&mut file);
+            file.write(&best_path)?;
+        }
+        Ok(Some(loss))
+    };
+    let initial_holdout_loss = if start_step == 0 {
+        validate(&mut header, &values, &act)?
+    } else {
+        None
+    };
+    let mut holdout_loss = initial_holdout_loss;
     let save = |header: &CheckpointHeader, values: &[Vec<f32>], adam: &[AdamState]| {
         Checkpoint {
             header: header.clone(),
@@ -1124,6 +1256,12 @@ pub fn finetune(
             _ => loss.parts.total,
         });
         last_loss = Some(loss.parts.total);
+        let measured = if (step + 1) % validate_every == 0 || step + 1 == header.total_steps {
+            validate(&mut header, &values, &act)?
+        } else {
+            None
+        };
+        holdout_loss = measured.or(holdout_loss);
         let report = StepReport {
             step: step + 1,
             total_steps: header.total_steps,
@@ -1131,6 +1269,7 @@ pub fn finetune(
             lr,
             images_per_s: batch as f64 / secs.max(1e-9),
             elapsed_s: header.elapsed_s,
+            holdout_loss: measured,
         };
         let line = serde_json::to_string(&report)
             .map_err(|e| Error::Model(format!("cannot encode a log line: {e}")))?;
@@ -1161,8 +1300,16 @@ pub fn finetune(
         output: None,
         checkpoint: checkpoint_path.clone(),
         log: log_path,
+        holdout_photos: held_out.as_ref().map_or(0, HeldOut::photos),
+        initial_holdout_loss,
+        holdout_loss,
+        best_holdout: header.best_holdout,
     };
-    if end_step == header.total_steps {
+    if end_step == header.total_steps && cfg.select_best {
+        // `validate` wrote the best parameters, the last step's included, when they were measured.
+        std::fs::copy(&best_path, &cfg.output).map_err(|e| Error::io(&best_path, e))?;
+        summary.output = Some(cfg.output.clone());
+    } else if end_step == header.total_steps {
         let mut file = export_lbw(
             &model,
             &slots,
@@ -1170,18 +1317,9 @@ pub fn finetune(
             quantizer.as_ref(),
             bits,
             &header,
-            &summary,
+            training_images,
         )?;
-        if let (Some(_), Some(t)) = (&yolo_heads, file.metadata.training.as_object_mut()) {
-            t.insert(
-                "kind".into(),
-                "distillation from the FP32 model plus the YOLOv3 detection loss on VOC labels \
-                 (lbw finetune --labels)"
-                    .into(),
-            );
-            t.insert("label_weight".into(), cfg.label_weight.into());
-            t.insert("labelled_images".into(), label_set.photos.len().into());
-        }
+        note_labels(&mut file);
         file.write(&cfg.output)?;
         summary.output = Some(cfg.output.clone());
     }
@@ -1196,7 +1334,7 @@ fn export_lbw(
     quantizer: &dyn Quantizer,
     bits: Bits,
     header: &CheckpointHeader,
-    summary: &FinetuneSummary,
+    training_images: usize,
 ) -> Result<LbwFile> {
     let mut trained = model.graph.clone();
     let mut quantized: BTreeMap<String, QuantizedTensor> = BTreeMap::new();
@@ -1222,7 +1360,10 @@ fn export_lbw(
         "seed": header.seed,
         "resolution": header.resolution,
         "augment": header.augment,
-        "images": summary.images_available,
+        "images": training_images,
+        "step": header.step,
+        "holdout_photos": header.holdout,
+        "best_holdout": header.best_holdout,
         "activations": if header.fake_quant_activations {
             "8-bit fake quantization (u8 affine per tensor, as the shift-add engine)"
         } else {
