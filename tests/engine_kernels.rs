@@ -321,16 +321,34 @@ proptest! {
                 store_flat(&lanes_f32, base, geom, &mut want_f32);
             }
         }
+        let not_src: Vec<u8> = src.iter().map(|x| !x).collect();
+        let both = [src.as_slice(), &not_src].concat();
         for kernel in kernels_under_test() {
-            // Stale contents must be overwritten everywhere.
-            let (mut got_u8, mut got_f32) = (vec![7u8; plane], vec![f32::NAN; plane]);
-            if u8_out {
-                kernel.run_direct(&direct, 0, &src, geom, PlaneOut::U8(&mut got_u8));
-                prop_assert_eq!(&got_u8, &want_u8, "kernel {}", kernel.name());
-            } else {
-                kernel.run_direct(&direct, 0, &src, geom, PlaneOut::F32(&mut got_f32));
-                let same = got_f32.iter().zip(&want_f32).all(|(a, b)| a.to_bits() == b.to_bits());
-                prop_assert!(same, "kernel {} f32 outputs differ", kernel.name());
+            let mut complement = vec![0u8; src.len()];
+            kernel.complement_u8(&src, &mut complement);
+            prop_assert_eq!(&complement, &not_src, "kernel {} complement", kernel.name());
+            // The plain source, and the source with its complement half (negative terms read
+            // `255 - x` there): the same bytes. Stale contents must be overwritten everywhere.
+            for complemented in [false, true] {
+                let name = format!("kernel {} (complement half: {complemented})", kernel.name());
+                let (mut got_u8, mut got_f32) = (vec![7u8; plane], vec![f32::NAN; plane]);
+                let out = if u8_out {
+                    PlaneOut::U8(&mut got_u8)
+                } else {
+                    PlaneOut::F32(&mut got_f32)
+                };
+                if complemented {
+                    kernel.run_direct_complemented(&direct, 0, &both, geom, out);
+                } else {
+                    kernel.run_direct(&direct, 0, &src, geom, out);
+                }
+                if u8_out {
+                    prop_assert_eq!(&got_u8, &want_u8, "{}", name);
+                } else {
+                    let same =
+                        got_f32.iter().zip(&want_f32).all(|(a, b)| a.to_bits() == b.to_bits());
+                    prop_assert!(same, "{} f32 outputs differ", name);
+                }
             }
         }
     }

@@ -776,30 +776,41 @@ fn conv_block(
         width: c.ow,
     };
     if prog.is_direct() {
-        // The scratch's padding keeps the zero point: every channel writes the same positions.
+        // The scratch's padding keeps the zero point (and its complement, for a kernel that reads
+        // one): every channel writes the same positions.
+        let complement = kernel.direct_reads_complement();
         let mut scratch = match &c.source {
             Source::PerChannel { split, planes, len } => {
-                Some((vec![c.in_zero_point; *len], *split, *planes))
+                let mut buf = vec![c.in_zero_point; *len];
+                if complement {
+                    buf.resize(2 * len, !c.in_zero_point);
+                }
+                Some((buf, *split, *planes, *len))
             }
             _ => None,
         };
         for oc in lo..hi {
-            let src: &[u8] = match &mut scratch {
-                Some((buf, split, planes)) => {
+            let (src, complemented): (&[u8], bool) = match &mut scratch {
+                Some((buf, split, planes, len)) => {
                     let n = split.h * split.w;
                     kernel.split_phases(&src[oc * n..][..n], *split, &mut buf[..*planes]);
-                    buf
+                    if complement {
+                        let (x, not_x) = buf.split_at_mut(*len);
+                        kernel.complement_u8(&x[..*planes], &mut not_x[..*planes]);
+                    }
+                    (buf, complement)
                 }
-                None => src,
+                None => (src, false),
             };
             let at = (oc - lo) * plane;
-            match &mut out {
-                OutSlice::U8(o) => {
-                    kernel.run_direct(prog, oc, src, geom, PlaneOut::U8(&mut o[at..][..plane]))
-                }
-                OutSlice::F32(o) => {
-                    kernel.run_direct(prog, oc, src, geom, PlaneOut::F32(&mut o[at..][..plane]))
-                }
+            let out = match &mut out {
+                OutSlice::U8(o) => PlaneOut::U8(&mut o[at..][..plane]),
+                OutSlice::F32(o) => PlaneOut::F32(&mut o[at..][..plane]),
+            };
+            if complemented {
+                kernel.run_direct_complemented(prog, oc, src, geom, out);
+            } else {
+                kernel.run_direct(prog, oc, src, geom, out);
             }
         }
         return;

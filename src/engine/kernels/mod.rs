@@ -119,10 +119,10 @@ pub struct Segment {
     pub len: u32,
     /// `E - e_last`, within `±(max exponent + 1)`: an `i16` keeps the segment at 12 bytes.
     pub shift32: i16,
-    /// Tile programs: `sum 2^(e_last - e_i)` over the segment's negative terms (Horner's rule
-    /// applied to each chunk's count of negated rows), with which a kernel whose negated rows
-    /// hold `!x` rather than `-x` corrects the segment (the AVX-512 one). At most
-    /// [`SEGMENT_BOUND`]; 0 in direct programs, whose kernels negate each term themselves.
+    /// `sum 2^(e_last - e_i)` over the segment's negative terms (Horner's rule applied to each
+    /// chunk's count of negated rows, or to each negative direct term), with which a kernel that
+    /// reads `!x` rather than `-x` for them corrects the segment (the AVX-512 tiles, and
+    /// [`ShiftAddKernel::run_direct_complemented`]). At most [`SEGMENT_BOUND`].
     pub neg_weight: u16,
 }
 
@@ -404,18 +404,23 @@ impl ConvProgram {
         let k = self.k;
         if let Some(s) = self.segs.last_mut() {
             s.shift32 = (e_ref - i32::from(last_e)) as i16;
-            if !self.direct {
+            // The segment bound keeps every partial value <= SEGMENT_BOUND: no overflow.
+            let weight = if self.direct {
+                let terms = &self.terms[s.first as usize..][..s.len as usize];
+                terms
+                    .iter()
+                    .fold(0u64, |c, t| (c << t.shl) + u64::from(t.neg))
+            } else {
                 let chunks = &self.chunks[s.first as usize..][..s.len as usize];
-                // The segment bound keeps every partial value <= SEGMENT_BOUND: no overflow.
-                let weight = chunks.iter().fold(0u64, |c, ch| {
+                chunks.iter().fold(0u64, |c, ch| {
                     let neg = ch
                         .rows
                         .iter()
                         .filter(|&&r| (k..2 * k).contains(&usize::from(r)));
                     (c << ch.shl16) + neg.count() as u64
-                });
-                s.neg_weight = weight as u16;
-            }
+                })
+            };
+            s.neg_weight = weight as u16;
         }
     }
 
@@ -768,6 +773,37 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
         geom: FlatGeometry,
         out: PlaneOut<'_>,
     );
+
+    /// Whether [`Self::run_direct_complemented`] is faster than [`Self::run_direct`] here, so that
+    /// the caller should build the complement half.
+    fn direct_reads_complement(&self) -> bool {
+        false
+    }
+
+    /// [`Self::run_direct`] on `src = [x | !x]`: two halves of `src.len() / 2` bytes, the second
+    /// the bitwise complement of the first, tap offsets into the first. A kernel may read a
+    /// negative weight's term from the complement, `255 - x`, and subtract `255` times the
+    /// segment's [`Segment::neg_weight`] once, instead of negating every term; the result is the
+    /// same. The default runs [`Self::run_direct`] on the first half. Panics as `run_direct` does
+    /// on the first half.
+    fn run_direct_complemented(
+        &self,
+        prog: &ConvProgram,
+        oc: usize,
+        src: &[u8],
+        geom: FlatGeometry,
+        out: PlaneOut<'_>,
+    ) {
+        self.run_direct(prog, oc, &src[..src.len() / 2], geom, out);
+    }
+
+    /// `dst[i] = !src[i]`. Panics unless the lengths are equal.
+    fn complement_u8(&self, src: &[u8], dst: &mut [u8]) {
+        assert_eq!(src.len(), dst.len(), "operand lengths");
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = !x;
+        }
+    }
 }
 
 /// Most tiles one [`ShiftAddKernel::run_channels_multi`] call takes.
