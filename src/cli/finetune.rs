@@ -116,7 +116,8 @@ pub struct FinetuneArgs {
     /// JSON-lines training log [default: OUTPUT.log.jsonl].
     #[arg(long)]
     pub log: Option<PathBuf>,
-    /// Stop after this many steps (checkpoint written); continue later with --resume.
+    /// Stop after this many steps (checkpoint written); continue later with --resume. With 0 and
+    /// --holdout, measures the starting weights' held-out loss (e.g. of an --init file) alone.
     #[arg(long)]
     pub stop_after: Option<u64>,
     /// Where to train.

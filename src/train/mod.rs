@@ -1280,8 +1280,12 @@ pub fn finetune(
             save(&header, &values, &adam)?;
         }
     }
-    let wall_s = run_start.elapsed().as_secs_f64();
     let steps_run = end_step.saturating_sub(start_step);
+    if steps_run == 0 {
+        // `--stop-after 0` (a held-out measurement alone): still leave the checkpoint to resume.
+        save(&header, &values, &adam)?;
+    }
+    let wall_s = run_start.elapsed().as_secs_f64();
     let mut summary = FinetuneSummary {
         model: cfg.model.clone(),
         bits: bits.get(),
