@@ -223,6 +223,16 @@ fn held_out_loss_is_measured_and_the_best_parameters_kept() {
     assert_eq!(file.metadata.training["holdout_photos"], 1);
     assert!(load_detector(dir.join("best.lbw").to_str().unwrap()).is_ok());
 
+    // `--stop-after 0` measures the starting weights alone (here the best file's) and leaves a
+    // checkpoint to resume.
+    let mut cfg = common::short_run(&images, dir.join("measure.lbw"), 4, 3);
+    cfg.holdout = 1;
+    cfg.stop_after = Some(0);
+    cfg.init = Some(dir.join("best.lbw"));
+    let m = finetune(&cfg, &mut |_| panic!("no step runs")).unwrap();
+    assert!(m.output.is_none() && m.checkpoint.exists());
+    assert!(m.initial_holdout_loss.is_some_and(|l| l.is_finite()));
+
     // Holding out every photo, or selecting the best without held-out photos, is refused.
     let mut cfg = common::short_run(&images, dir.join("x.lbw"), 2, 3);
     cfg.holdout = 4;
