@@ -367,6 +367,46 @@ fn a_run_starts_from_a_lower_bit_width_file() {
         "the 6-bit run's first loss {first} should be below the 4-bit PTQ loss {ptq_loss}"
     );
 
+    // With --keep-zeros, four steps at a learning rate that moves weights keep every zero of the
+    // 4-bit file at zero; without it, some of them leave zero.
+    let zeros_of = |f: &LbwFile| -> Vec<(String, usize)> {
+        f.quantized
+            .iter()
+            .flat_map(|(n, q)| {
+                q.codes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.is_zero())
+                    .map(move |(i, _)| (n.clone(), i))
+            })
+            .collect()
+    };
+    let four_zeros = zeros_of(&a);
+    assert!(!four_zeros.is_empty(), "a 4-bit file has zero weights");
+    let run_six = |name: &str, keep: bool| {
+        let mut cfg = config(&dir, &images, name);
+        cfg.init = Some(four_path.clone());
+        cfg.steps = Some(4);
+        cfg.lr = 2e-2;
+        cfg.keep_zeros = keep;
+        let s = finetune(&cfg, &mut |_| {}).unwrap();
+        LbwFile::read(s.output.as_ref().unwrap()).unwrap()
+    };
+    let kept = run_six("kept.lbw", true);
+    assert_eq!(kept.metadata.training["keep_zeros"], true);
+    let kept_zeros: std::collections::HashSet<_> = zeros_of(&kept).into_iter().collect();
+    assert!(four_zeros.iter().all(|z| kept_zeros.contains(z)));
+    let free_zeros: std::collections::HashSet<_> =
+        zeros_of(&run_six("free.lbw", false)).into_iter().collect();
+    assert!(
+        four_zeros.iter().any(|z| !free_zeros.contains(z)),
+        "without --keep-zeros some zeros move (else this test checks nothing)"
+    );
+    let mut no_init = config(&dir, &images, "x.lbw");
+    no_init.keep_zeros = true;
+    let err = finetune(&no_init, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("--keep-zeros"), "{err}");
+
     let mut wrong = config(&dir, &images, "wrong.lbw");
     wrong.init = Some(dir.join("no-such.lbw"));
     let err = finetune(&wrong, &mut |_| {}).unwrap_err().to_string();

@@ -136,6 +136,10 @@ pub struct FinetuneArgs {
     /// (needs --holdout; in a staged run, each stage's best).
     #[arg(long, value_enum, default_value_t = SelectArg::Last)]
     pub select: SelectArg,
+    /// Keep the weights that are zero in the --init file (in a staged run: in the first stage's
+    /// file) at zero while training; the shift-add engine skips zero weights.
+    #[arg(long)]
+    pub keep_zeros: bool,
     /// Output `.lbw` file.
     #[arg(short = 'o', long)]
     pub output: PathBuf,
@@ -170,6 +174,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     cfg.holdout = args.holdout;
     cfg.validate_every = args.validate_every;
     cfg.select_best = args.select == SelectArg::Best;
+    cfg.keep_zeros = args.keep_zeros;
     cfg.device = match args.device {
         DeviceArg::Cpu => TrainDevice::Cpu,
         DeviceArg::Cuda => TrainDevice::Cuda,

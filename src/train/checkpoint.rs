@@ -61,6 +61,9 @@ pub struct CheckpointHeader {
     /// The lowest held-out loss so far, whose parameters are in the run's `.best.lbw`.
     #[serde(default)]
     pub best_holdout: Option<BestHoldout>,
+    /// Weights that were zero in the starting file stay zero (`--keep-zeros`).
+    #[serde(default)]
+    pub keep_zeros: bool,
 }
 
 /// A held-out measurement: after `step` steps (0: before the first), the loss `loss`.
@@ -201,6 +204,7 @@ mod tests {
                 step: 2,
                 loss: 0.25,
             }),
+            keep_zeros: true,
         };
         let c = Checkpoint {
             header,

@@ -177,6 +177,10 @@ pub struct FinetuneConfig {
     /// Write the parameters with the lowest held-out loss as the output instead of the last ones
     /// (needs `holdout`). Either way they are also written as `<output>.best.lbw`.
     pub select_best: bool,
+    /// Keep every weight that is zero in the `init` file at zero (the final stage of a staged run
+    /// starts from its first stage's file): the shift-add engine skips zero weights, so the
+    /// finer grid does not undo the sparsity the lower bit-width found.
+    pub keep_zeros: bool,
 }
 
 impl FinetuneConfig {
@@ -214,6 +218,7 @@ impl FinetuneConfig {
             holdout: 0,
             validate_every: None,
             select_best: false,
+            keep_zeros: false,
         }
     }
 
@@ -223,6 +228,8 @@ impl FinetuneConfig {
         let tag = format!(".via{via}");
         FinetuneConfig {
             bits: via,
+            // From the FP32 weights there are no zeros to keep.
+            keep_zeros: false,
             output: with_suffix(&self.output, &format!("{tag}.lbw")),
             checkpoint: self.checkpoint.as_ref().map(|p| with_suffix(p, &tag)),
             log: self.log.as_ref().map(|p| with_suffix(p, &tag)),
@@ -546,6 +553,13 @@ fn plan_run(
             adam: ck.adam,
         });
     }
+    if cfg.keep_zeros && cfg.init.is_none() {
+        return Err(Error::Input(
+            "--keep-zeros keeps the zero weights of an --init file (or of a staged run's first \
+             stage); this run starts from the FP32 weights"
+                .into(),
+        ));
+    }
     if cfg.batch == 0 || cfg.batch > 1024 {
         return Err(Error::Input(format!(
             "--batch must be in 1..=1024, got {}",
@@ -615,6 +629,7 @@ fn plan_run(
             recent_loss: None,
             holdout: cfg.holdout,
             best_holdout: None,
+            keep_zeros: cfg.keep_zeros,
             params: slots
                 .iter()
                 .map(|s| ParamEntry {
@@ -954,6 +969,15 @@ pub fn finetune(
         &initial,
         all_images.len().saturating_sub(cfg.holdout),
     )?;
+    // Weights held at zero: those of the starting file, or (resumed) those the run kept there.
+    let zero_masks: Vec<Option<Vec<bool>>> = slots
+        .iter()
+        .zip(&values)
+        .map(|(s, v)| {
+            (header.keep_zeros && s.kind == (ParamKind::Weight { quantized: true }))
+                .then(|| v.iter().map(|&x| x == 0.0).collect())
+        })
+        .collect();
     // A resumed run holds out what its checkpoint says it did.
     let (images, photo_labels, held_out_images) =
         holdout::split(all_images, all_labels, header.holdout)?;
@@ -1228,15 +1252,22 @@ pub fn finetune(
             })
             .collect::<Result<_>>()?;
         learned_alpha_gradients(&slots, &values, &quantized, &mut grad_values);
-        for ((((v, g), st), scale), s) in values
+        for (((((v, g), st), scale), s), zeros) in values
             .iter_mut()
             .zip(&grad_values)
             .zip(adam.iter_mut())
             .zip(&lr_scale)
             .zip(&slots)
+            .zip(&zero_masks)
         {
             if let Some(g) = g {
                 adam_step(&adam_cfg, lr * scale, step + 1, v, g, st);
+                if let Some(mask) = zeros {
+                    // Exactly 0.0 quantizes to the zero level whatever the alpha.
+                    for (x, _) in v.iter_mut().zip(mask).filter(|(_, z)| **z) {
+                        *x = 0.0;
+                    }
+                }
                 if let ParamKind::Alpha { .. } = s.kind {
                     // A scale must stay positive; this floor is far below any level that matters.
                     for a in v.iter_mut() {
@@ -1367,6 +1398,7 @@ fn export_lbw(
         "images": training_images,
         "step": header.step,
         "holdout_photos": header.holdout,
+        "keep_zeros": header.keep_zeros,
         "best_holdout": header.best_holdout,
         "activations": if header.fake_quant_activations {
             "8-bit fake quantization (u8 affine per tensor, as the shift-add engine)"
