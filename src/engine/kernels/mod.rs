@@ -489,10 +489,38 @@ pub enum TileOut<'a> {
     F32(&'a mut [f32]),
 }
 
+impl TileOut<'_> {
+    /// Values (codes or floats) it holds.
+    pub fn len(&self) -> usize {
+        match self {
+            TileOut::U8(o) => o.len(),
+            TileOut::F32(o) => o.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// One output channel's plane, `[oh][ow]`.
 pub enum PlaneOut<'a> {
     U8(&'a mut [u8]),
     F32(&'a mut [f32]),
+}
+
+impl PlaneOut<'_> {
+    /// Values (codes or floats) it holds.
+    pub fn len(&self) -> usize {
+        match self {
+            PlaneOut::U8(o) => o.len(),
+            PlaneOut::F32(o) => o.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Where the flat positions a kernel computes go: position `f = oy * pitch + ox` (for `f <
@@ -832,10 +860,7 @@ fn read_l1_data_bytes() -> Option<usize> {
 
 /// The tile count and output checks of [`ShiftAddKernel::run_channels_multi`].
 pub(crate) fn check_multi_out(n: usize, tiles: usize, out: &TileOut<'_>, stride: usize) {
-    let len = match out {
-        TileOut::U8(o) => o.len(),
-        TileOut::F32(o) => o.len(),
-    };
+    let len = out.len();
     assert!(
         (1..=MAX_TILES_PER_PASS).contains(&tiles),
         "{tiles} tiles in one pass"

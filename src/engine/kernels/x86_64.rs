@@ -120,10 +120,7 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
         tile: &[i16],
         out: TileOut<'_>,
     ) {
-        let out_len = match &out {
-            TileOut::U8(o) => o.len(),
-            TileOut::F32(o) => o.len(),
-        };
+        let out_len = out.len();
         check_run(prog, first_oc, n, tile, out_len);
         // SAFETY: the features exist (constructor); `check_run` bounds the channels, tile and
         // output; `ConvProgram::build` guarantees every term indexes a tap below `k`.
@@ -165,10 +162,7 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
         geom: FlatGeometry,
         out: PlaneOut<'_>,
     ) {
-        let out_len = match &out {
-            PlaneOut::U8(o) => o.len(),
-            PlaneOut::F32(o) => o.len(),
-        };
+        let out_len = out.len();
         check_direct(prog, oc, src, geom, out_len);
         // SAFETY: the features exist (constructor); `check_direct` bounds every source read (the
         // largest tap plus the positions rounded up to LANES) and the output plane.
@@ -187,10 +181,7 @@ unsafe impl ShiftAddKernel for Avx512bwKernel {
         geom: FlatGeometry,
         out: PlaneOut<'_>,
     ) {
-        let out_len = match &out {
-            PlaneOut::U8(o) => o.len(),
-            PlaneOut::F32(o) => o.len(),
-        };
+        let out_len = out.len();
         let half = src.len() / 2;
         check_direct(prog, oc, &src[..half], geom, out_len);
         // SAFETY: the features exist (constructor); `check_direct` bounds every read of the first
@@ -928,10 +919,7 @@ unsafe impl ShiftAddKernel for Avx2Kernel {
         tile: &[i16],
         out: TileOut<'_>,
     ) {
-        let out_len = match &out {
-            TileOut::U8(o) => o.len(),
-            TileOut::F32(o) => o.len(),
-        };
+        let out_len = out.len();
         check_run(prog, first_oc, n, tile, out_len);
         // SAFETY: AVX2 exists; bounds as for the AVX-512 kernel.
         unsafe { run_channels_avx2(prog, first_oc, n, tile, out) }
@@ -945,10 +933,7 @@ unsafe impl ShiftAddKernel for Avx2Kernel {
         geom: FlatGeometry,
         out: PlaneOut<'_>,
     ) {
-        let out_len = match &out {
-            PlaneOut::U8(o) => o.len(),
-            PlaneOut::F32(o) => o.len(),
-        };
+        let out_len = out.len();
         check_direct(prog, oc, src, geom, out_len);
         // SAFETY: AVX2 exists; `check_direct` bounds every source read; the output is written
         // through the bounds-checked `store_flat`.
