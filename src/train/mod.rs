@@ -1080,6 +1080,8 @@ pub fn finetune(
     }
     act.enabled = header.fake_quant_activations;
     act.observe = header.fake_quant_activations;
+    // The header holds the grids a file is exported with, before the first step too.
+    header.activation_ranges.clone_from(&act.ranges);
 
     let checkpoint_path = cfg.checkpoint_path();
     let log_path = cfg.log_path();
@@ -1163,8 +1165,6 @@ pub fn finetune(
         .forward;
         let loss = h.loss(&train_graph, &fw, act, loss_spec, &device)?.total;
         if header.best_holdout.is_none_or(|b| loss < b.loss) {
-            // Before the first step only `act` holds the calibrated grids.
-            header.activation_ranges.clone_from(&act.ranges);
             header.best_holdout = Some(BestHoldout {
                 step: header.step,
                 loss,
