@@ -419,6 +419,14 @@ proptest! {
         prop_assert_eq!(want.iter().filter(|&&v| v != 7).count(), input.iter().filter(|&&v| v != 7).count());
         for k in kernels_under_test() {
             prop_assert_eq!(&split(k.as_ref()), &want, "kernel {}", k.name());
+            // The fused form writes the same bytes and their complement, leaving the rest of the
+            // complement half (the caller's padding) as it was.
+            let mut phases = vec![7u8; want.len()];
+            let mut complement = vec![!7u8; want.len()];
+            k.split_phases_complemented(&input, geom, &mut phases, &mut complement);
+            prop_assert_eq!(&phases, &want, "kernel {}", k.name());
+            let flipped: Vec<u8> = want.iter().map(|&b| !b).collect();
+            prop_assert_eq!(complement, flipped, "kernel {}", k.name());
         }
     }
 

@@ -177,9 +177,46 @@ struct PlanStep {
     output: usize,
 }
 
+/// A pooled `u8` buffer whose contents start on a 64-byte boundary: the kernels read and write
+/// whole 64-byte rows at multiples of 64 from a plane's start, and each such access that
+/// straddles two cache lines costs two (the allocator returns large blocks 16 bytes past a page).
+struct CodeBuf {
+    bytes: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl CodeBuf {
+    /// `len` zeroed bytes.
+    fn new(len: usize) -> CodeBuf {
+        let bytes = vec![0u8; len + 64];
+        let start = bytes.as_ptr().align_offset(64).min(64);
+        CodeBuf { bytes, start, len }
+    }
+
+    /// The most bytes it can hold without reallocating (which would move its start).
+    fn room(&self) -> usize {
+        self.bytes.len() - self.start
+    }
+}
+
+impl std::ops::Deref for CodeBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes[self.start..][..self.len]
+    }
+}
+
+impl std::ops::DerefMut for CodeBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.start..][..self.len]
+    }
+}
+
 /// A stored value during a run.
 enum Value {
-    U8 { data: Vec<u8>, shape: Vec<usize> },
+    U8 { data: CodeBuf, shape: Vec<usize> },
     F32(Tensor),
 }
 
@@ -198,7 +235,7 @@ pub struct ShiftAddEngine {
     input_slot: usize,
     output_slots: Vec<usize>,
     weight_bytes: usize,
-    buffers: Mutex<Vec<Vec<u8>>>,
+    buffers: Mutex<Vec<CodeBuf>>,
 }
 
 impl std::fmt::Debug for ShiftAddEngine {
@@ -545,30 +582,28 @@ impl ShiftAddEngine {
             .collect()
     }
 
-    fn take_buffer(&self, n: usize) -> Vec<u8> {
+    fn take_buffer(&self, n: usize) -> CodeBuf {
         let mut pool = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         // Best fit among the free buffers, so large ones stay for large tensors.
         let pick = pool
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.capacity() >= n)
-            .min_by_key(|(_, b)| b.capacity())
+            .filter(|(_, b)| b.room() >= n)
+            .min_by_key(|(_, b)| b.room())
             .map(|(i, _)| i);
-        let mut b = match pick {
-            Some(i) => pool.swap_remove(i),
-            None => Vec::with_capacity(n),
-        };
+        let b = pick.map(|i| pool.swap_remove(i));
         drop(pool);
         // Contents are stale: every writer overwrites all positions it owns.
-        if b.len() >= n {
-            b.truncate(n);
-        } else {
-            b.resize(n, 0);
+        match b {
+            Some(mut b) => {
+                b.len = n;
+                b
+            }
+            None => CodeBuf::new(n),
         }
-        b
     }
 
-    fn give_back(&self, b: Vec<u8>) {
+    fn give_back(&self, b: CodeBuf) {
         let mut pool = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < 64 {
             pool.push(b);
@@ -576,7 +611,7 @@ impl ShiftAddEngine {
     }
 
     fn run_conv(&self, c: &ConvStep, input: &[u8], out: &mut Value) {
-        let mut src_buf: Option<Vec<u8>> = None;
+        let mut src_buf: Option<CodeBuf> = None;
         let src: &[u8] = match &c.source {
             Source::Direct | Source::PerChannel { .. } => input,
             Source::Padded {
@@ -793,10 +828,13 @@ fn conv_block(
             let (src, complemented): (&[u8], bool) = match &mut scratch {
                 Some((buf, split, planes, len)) => {
                     let n = split.h * split.w;
-                    kernel.split_phases(&src[oc * n..][..n], *split, &mut buf[..*planes]);
+                    let input = &src[oc * n..][..n];
                     if complement {
                         let (x, not_x) = buf.split_at_mut(*len);
-                        kernel.complement_u8(&x[..*planes], &mut not_x[..*planes]);
+                        let (x, not_x) = (&mut x[..*planes], &mut not_x[..*planes]);
+                        kernel.split_phases_complemented(input, *split, x, not_x);
+                    } else {
+                        kernel.split_phases(input, *split, &mut buf[..*planes]);
                     }
                     (buf, complement)
                 }
@@ -819,6 +857,9 @@ fn conv_block(
         conv_tiles(kernel, c, src, [lo, hi], plane, geom, out, tiles, stage_u8)
     });
 }
+
+/// Spare `i16` of the tile scratch, so that its rows can start on a 64-byte boundary.
+const TILE_ALIGN: usize = 64 / std::mem::size_of::<i16>();
 
 thread_local! {
     /// Each thread's tiles and staging, reused from conv to conv: allocating and zeroing them for
@@ -844,14 +885,19 @@ fn conv_tiles(
     let tile_len = prog.tile_rows() * LANES;
     let per_pass = tiles_per_pass(prog.tile_rows() * kernel.tile_row_bytes());
     let used = per_pass * tile_len;
-    if tiles.len() < used {
-        tiles.resize(used, 0);
+    // Rows start on cache lines: a 64-byte row load that straddles two lines costs two, and
+    // where the allocator put the buffer varied from process to process (yolo-fastest-voc's 1x1
+    // convs took 1.08-1.13 or 1.25-1.37 ms, by run).
+    if tiles.len() < used + TILE_ALIGN {
+        tiles.resize(used + TILE_ALIGN, 0);
     }
+    let first = tiles.as_ptr().align_offset(64).min(TILE_ALIGN);
+    let tiles = &mut tiles[first..][..used];
     // The kernels write rows 0..2K of a tile and leave row 2K, the zero row the schedule pads
     // with, as it is: zeroed here, since the buffer held another conv's tiles.
     let row = kernel.tile_row_bytes() / std::mem::size_of::<i16>();
     let zero_row = (prog.tile_rows() - 1) * row;
-    for t in tiles[..used].chunks_exact_mut(tile_len) {
+    for t in tiles.chunks_exact_mut(tile_len) {
         t[zero_row..zero_row + row].fill(0);
     }
     let rows = (hi - lo).min(cout_g);
@@ -860,10 +906,13 @@ fn conv_tiles(
     let stage_len = per_pass * rows * LANES;
     let mut stage_f32 = Vec::new();
     match out {
-        OutSlice::U8(_) if stage_u8.len() < stage_len => stage_u8.resize(stage_len, 0),
+        OutSlice::U8(_) if stage_u8.len() < stage_len + 64 => stage_u8.resize(stage_len + 64, 0),
         OutSlice::F32(_) => stage_f32 = vec![0f32; stage_len],
         _ => {}
     }
+    // Its rows start on cache lines, as the tiles' do.
+    let first = stage_u8.as_ptr().align_offset(64).min(stage_u8.len());
+    let stage_u8 = &mut stage_u8[first..];
     let (g_lo, g_hi) = (lo / cout_g, (hi - 1) / cout_g + 1);
     for g in g_lo..g_hi {
         let a = lo.max(g * cout_g);

@@ -768,6 +768,22 @@ pub unsafe trait ShiftAddKernel: Send + Sync {
         split_phases_with(&PortableRows, input, geom, phases);
     }
 
+    /// [`Self::split_phases`], also writing `!b` into `complement` for every byte `b` it writes
+    /// into `phases`: a depthwise conv's scratch and its complement half in one pass over the rows
+    /// (the caller keeps the padding of both, the zero point and its complement). Panics unless
+    /// the two have the same length.
+    fn split_phases_complemented(
+        &self,
+        input: &[u8],
+        geom: PhaseSplit,
+        phases: &mut [u8],
+        complement: &mut [u8],
+    ) {
+        assert_eq!(phases.len(), complement.len(), "operand lengths");
+        self.split_phases(input, geom, phases);
+        self.complement_u8(phases, complement);
+    }
+
     /// `out[i] = po.quantize(op(pa.dequantize(a[i]), pb.dequantize(b[i])))` for `[pa, pb, po]`:
     /// the FP32 simulation's arithmetic exactly (residual adds, SiLU's multiply). Panics unless
     /// `a`, `b` and `out` have the same length.
