@@ -42,9 +42,6 @@ use crate::error::{Error, Result};
 use crate::model::{Conv, Graph, Node, Op, Tensor};
 use crate::quant::{QuantizedTensor, simulate_graph};
 
-/// Largest two tiles (bytes) a conv runs in pairs through [`ShiftAddKernel::run_channels_multi`].
-const PAIRED_TILE_BYTES: usize = 32 * 1024;
-
 /// Element-wise steps at least this large are split between the threads (smaller ones cost less
 /// than handing work to another thread).
 const PARALLEL_BINARY_BYTES: usize = 32 * 1024;
@@ -52,14 +49,14 @@ const PARALLEL_BINARY_BYTES: usize = 32 * 1024;
 /// How many tiles of `bytes` each a conv runs per pass over its schedules: three while they leave
 /// 8 KiB of the L1 data cache free (on Zen 5's 48 KiB, up to K = 106 taps: the 1x1 convs of
 /// yolo-fastest-voc ran 1.16-1.34 -> 1.09-1.29 ms, one pass feeding three tiles' accumulators;
-/// docs/ENGINE.md), two within 32 KiB, else one.
+/// docs/ENGINE.md), else two, even where two do not fit L1: a single tile's two accumulator
+/// chains left the widest convs waiting on add latency (K = 128-232: 0.26 -> 0.21 ms on
+/// yolo-fastest-voc, where one tile was the rule beyond 32 KiB for two).
 fn tiles_per_pass(bytes: usize) -> usize {
     if 3 * bytes + 8 * 1024 <= kernels::l1_data_bytes() {
         3
-    } else if 2 * bytes <= PAIRED_TILE_BYTES {
-        2
     } else {
-        1
+        2
     }
 }
 
