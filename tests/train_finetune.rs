@@ -144,6 +144,44 @@ fn finetune_reduces_loss_resumes_and_writes_a_loadable_lbw() {
         );
     }
 
+    // `@activations`: the FP32 model's weights with the file's grids. Its outputs are the FP32
+    // model's rounded through 8-bit grids: near them, not equal.
+    let acts = load_detector(&format!("{path}@activations")).unwrap();
+    assert_eq!(
+        (acts.variant.as_str(), acts.backend().engine()),
+        ("fp32-act8", "reference-fake-quant")
+    );
+    let fp32 = load_detector("yolo-fastest-voc").unwrap();
+    let (input, _) = lbw::detect::preprocess::preprocess(&img, &fp32.manifest.input);
+    let got = acts.backend().run(input.clone()).unwrap();
+    let want = fp32.backend().run(input).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        let range = w.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let n = g.data.len() as f32;
+        let mean_diff = g
+            .data
+            .iter()
+            .zip(&w.data)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / n;
+        assert!(
+            mean_diff > 0.0 && mean_diff < 0.05 * range,
+            "8-bit activations vs FP32: mean |diff| {mean_diff} of range {range}"
+        );
+    }
+    // A file without grids cannot say what its activations cost.
+    let mut plain = a.clone();
+    plain.activation_scales.clear();
+    plain.activation_zero_points.clear();
+    let plain_path = dir.join("plain.lbw");
+    plain.write(&plain_path).unwrap();
+    let e = load_detector(&format!("{}@activations", plain_path.display()))
+        .err()
+        .expect("no grids")
+        .to_string();
+    assert!(e.contains("no activation grids"), "{e}");
+
     let _ = std::fs::remove_dir_all(&dir);
 }
 

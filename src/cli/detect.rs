@@ -32,8 +32,9 @@ impl ThresholdArgs {
 #[derive(Debug, Args)]
 pub struct DetectArgs {
     /// Model: an id (see `lbw models`), `ID@lbwB` (post-training B-bit on the shift-add engine),
-    /// a `.lbw` file, `FILE.lbw@sim` (the FP32 fake-quant simulation of the file's engine) or
-    /// `FILE.lbw@weights` (its weights alone, FP32 activations).
+    /// a `.lbw` file, `FILE.lbw@sim` (the FP32 fake-quant simulation of the file's engine),
+    /// `FILE.lbw@weights` (its weights alone, FP32 activations) or `FILE.lbw@activations` (its
+    /// 8-bit activation grids alone, on the source model's FP32 weights).
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// Image files.

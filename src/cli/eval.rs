@@ -31,9 +31,10 @@ pub enum InterpolationArg {
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// Model: an id (see `lbw models`), `ID@lbwB` (post-training B-bit on the shift-add engine),
-    /// a `.lbw` file, `FILE.lbw@sim` (the FP32 fake-quant simulation of the file's engine) or
-    /// `FILE.lbw@weights` (its weights alone, FP32 activations). Leave out
-    /// with --detections.
+    /// a `.lbw` file, `FILE.lbw@sim` (the FP32 fake-quant simulation of the file's engine),
+    /// `FILE.lbw@weights` (its weights alone, FP32 activations) or `FILE.lbw@activations` (its
+    /// 8-bit activation grids alone, on the source model's FP32 weights). Leave out with
+    /// --detections.
     #[arg(long, required_unless_present = "detections")]
     pub model: Option<String>,
     /// A saved detections file (JSON lines as `lbw detect --json` prints) instead of a model run.

@@ -159,8 +159,9 @@ impl Detector {
 /// Builds a detector from a model reference: a built-in model id (FP32 through tract), `ID@lbwB`
 /// (post-training quantized, on the shift-add engine), the path of a `.lbw` file (on the shift-add
 /// engine when it carries activation grids, else its weights simulated in FP32 through tract),
-/// `FILE.lbw@sim` (the FP32 fake-quant simulation of that engine) or `FILE.lbw@weights` (its
-/// weights alone, FP32 activations).
+/// `FILE.lbw@sim` (the FP32 fake-quant simulation of that engine), `FILE.lbw@weights` (its
+/// weights alone, FP32 activations) or `FILE.lbw@activations` (its 8-bit activation grids alone,
+/// on the source model's FP32 weights).
 pub fn load_detector(model_ref: &str) -> Result<Detector> {
     // `ID@lbwB`: power-of-two weights (post-training) on the shift-add engine, calibrated in memory.
     if let Some((id, variant)) = model_ref.split_once('@') {
@@ -169,6 +170,9 @@ pub fn load_detector(model_ref: &str) -> Result<Detector> {
         }
         if variant == "weights" {
             return load_lbw_weights_only(id);
+        }
+        if variant == "activations" {
+            return load_lbw_activations_only(id);
         }
         if variant != "fp32" {
             return load_ptq_detector(id, variant);
@@ -235,6 +239,28 @@ pub fn load_lbw_weights_only(path: &str) -> Result<Detector> {
         None => "fp32".to_string(),
     };
     Ok(Detector::new(manifest, variant, Box::new(backend)))
+}
+
+/// `FILE.lbw@activations`: the FP32 weights of the model the file was made from, with every value
+/// the engine would store rounded to the file's 8-bit grids (the fake-quant simulation without
+/// quantized weights). Against the FP32 model it shows what the 8-bit activations alone cost, as
+/// `@weights` shows the weights' share: on coco128 nothing for yolo-fastest-voc, about 3 mAP for
+/// yolo-fastest-xl-voc (docs/ACCURACY.md).
+pub fn load_lbw_activations_only(path: &str) -> Result<Detector> {
+    let file = crate::model::lbw_file::LbwFile::read(std::path::Path::new(path))?;
+    let Some((_, engine)) = lbw_file_engine(&file)? else {
+        return Err(Error::Input(format!(
+            "{path}@activations: the file has no activation grids (files from `lbw calibrate` and \
+             `lbw finetune` have them)"
+        )));
+    };
+    let model = crate::model::load_builtin(&file.metadata.source_model)?;
+    let sim = crate::engine::shift_add::fake_quant_simulation(
+        &model.graph,
+        &Default::default(),
+        &engine,
+    )?;
+    Ok(Detector::new(model.manifest, "fp32-act8", Box::new(sim)))
 }
 
 /// The shift-add engine for a `.lbw` file that carries activation grids, with its bit-width.
