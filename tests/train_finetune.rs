@@ -44,6 +44,18 @@ fn config(dir: &Path, images: &Path, out: &str) -> FinetuneConfig {
     common::short_run(images, dir.join(out), 8, 7)
 }
 
+/// The mean absolute difference of two outputs, and the largest magnitude of the second.
+fn mean_abs_diff_and_range(got: &lbw::model::Tensor, want: &lbw::model::Tensor) -> (f32, f32) {
+    let range = want.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let sum: f32 = got
+        .data
+        .iter()
+        .zip(&want.data)
+        .map(|(a, b)| (a - b).abs())
+        .sum();
+    (sum / got.data.len() as f32, range)
+}
+
 #[test]
 fn finetune_reduces_loss_resumes_and_writes_a_loadable_lbw() {
     let dir = scratch("e2e");
@@ -130,14 +142,7 @@ fn finetune_reduces_loss_resumes_and_writes_a_loadable_lbw() {
     let got = engine.backend().run(input.clone()).unwrap();
     let want = sim.backend().run(input).unwrap();
     for (g, w) in got.iter().zip(&want) {
-        let range = w.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-        let mean_diff = g
-            .data
-            .iter()
-            .zip(&w.data)
-            .map(|(a, b)| (a - b).abs())
-            .sum::<f32>()
-            / g.data.len() as f32;
+        let (mean_diff, range) = mean_abs_diff_and_range(g, w);
         assert!(
             mean_diff < 0.02 * range,
             "engine vs simulation: mean |diff| {mean_diff} of range {range}"
@@ -156,15 +161,7 @@ fn finetune_reduces_loss_resumes_and_writes_a_loadable_lbw() {
     let got = acts.backend().run(input.clone()).unwrap();
     let want = fp32.backend().run(input).unwrap();
     for (g, w) in got.iter().zip(&want) {
-        let range = w.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-        let n = g.data.len() as f32;
-        let mean_diff = g
-            .data
-            .iter()
-            .zip(&w.data)
-            .map(|(a, b)| (a - b).abs())
-            .sum::<f32>()
-            / n;
+        let (mean_diff, range) = mean_abs_diff_and_range(g, w);
         assert!(
             mean_diff > 0.0 && mean_diff < 0.05 * range,
             "8-bit activations vs FP32: mean |diff| {mean_diff} of range {range}"
