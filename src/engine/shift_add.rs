@@ -855,8 +855,18 @@ fn conv_block(
     });
 }
 
-/// Spare `i16` of the tile scratch, so that its rows can start on a 64-byte boundary.
-const TILE_ALIGN: usize = 64 / std::mem::size_of::<i16>();
+/// The first `n` elements of `buf` from a 64-byte boundary on, growing it as needed (contents
+/// stale). The tiles and the staging are read and written in 64-byte rows: a row that straddles
+/// two cache lines costs two, and where the allocator put the buffers varied from process to
+/// process (yolo-fastest-voc's 1x1 convs took 1.08-1.13 or 1.25-1.37 ms, by run).
+fn cache_aligned<T: Copy + Default>(buf: &mut Vec<T>, n: usize) -> &mut [T] {
+    let spare = 64 / std::mem::size_of::<T>();
+    if buf.len() < n + spare {
+        buf.resize(n + spare, T::default());
+    }
+    let first = buf.as_ptr().align_offset(64).min(spare);
+    &mut buf[first..][..n]
+}
 
 thread_local! {
     /// Each thread's tiles and staging, reused from conv to conv: allocating and zeroing them for
@@ -882,14 +892,7 @@ fn conv_tiles(
     let tile_len = prog.tile_rows() * LANES;
     let per_pass = tiles_per_pass(prog.tile_rows() * kernel.tile_row_bytes());
     let used = per_pass * tile_len;
-    // Rows start on cache lines: a 64-byte row load that straddles two lines costs two, and
-    // where the allocator put the buffer varied from process to process (yolo-fastest-voc's 1x1
-    // convs took 1.08-1.13 or 1.25-1.37 ms, by run).
-    if tiles.len() < used + TILE_ALIGN {
-        tiles.resize(used + TILE_ALIGN, 0);
-    }
-    let first = tiles.as_ptr().align_offset(64).min(TILE_ALIGN);
-    let tiles = &mut tiles[first..][..used];
+    let tiles = cache_aligned(tiles, used);
     // The kernels write rows 0..2K of a tile and leave row 2K, the zero row the schedule pads
     // with, as it is: zeroed here, since the buffer held another conv's tiles.
     let row = kernel.tile_row_bytes() / std::mem::size_of::<i16>();
@@ -902,14 +905,13 @@ fn conv_tiles(
     // only: their stage is allocated when needed).
     let stage_len = per_pass * rows * LANES;
     let mut stage_f32 = Vec::new();
-    match out {
-        OutSlice::U8(_) if stage_u8.len() < stage_len + 64 => stage_u8.resize(stage_len + 64, 0),
-        OutSlice::F32(_) => stage_f32 = vec![0f32; stage_len],
-        _ => {}
-    }
-    // Its rows start on cache lines, as the tiles' do.
-    let first = stage_u8.as_ptr().align_offset(64).min(stage_u8.len());
-    let stage_u8 = &mut stage_u8[first..];
+    let stage_u8: &mut [u8] = match out {
+        OutSlice::U8(_) => cache_aligned(stage_u8, stage_len),
+        OutSlice::F32(_) => {
+            stage_f32 = vec![0f32; stage_len];
+            &mut []
+        }
+    };
     let (g_lo, g_hi) = (lo / cout_g, (hi - 1) / cout_g + 1);
     for g in g_lo..g_hi {
         let a = lo.max(g * cout_g);
